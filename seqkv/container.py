@@ -1,0 +1,122 @@
+"""Container v1: preamble, bounded JSON header, checksummed sections.
+
+See docs/format.md for the byte layout.  The reader checks, in this order:
+length, magic, version, flags, header size cap, header checksum, header
+schema, section bounds, and (when a section is read) its checksum.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+
+from .checksum import crc32c
+from .errors import ChecksumError, FormatError, UnsupportedVersionError
+
+MAGIC = b"\x89SEQKV\r\n"          # 8 bytes; the high byte and CR/LF catch text-mode mangling
+FORMAT_MAJOR = 1
+FORMAT_MINOR = 0
+PREAMBLE = struct.Struct("<8sBBHII")  # magic, major, minor, flags, header_length, header_crc32c
+PREAMBLE_SIZE = PREAMBLE.size        # 20
+KNOWN_FLAGS = 0x0000                 # v1 defines no flags: every bit is reserved and must be zero
+MAX_HEADER_BYTES = 1 << 20
+MAX_SECTIONS = 1 << 16
+
+
+@dataclass(frozen=True)
+class Section:
+    name: str
+    offset: int   # from the first byte after the header
+    length: int
+    crc32c: int
+
+
+def write_container(header: dict, sections: list[tuple[str, bytes]]) -> bytes:
+    """Serialise ``header`` (without "sections") and the named section payloads."""
+    table = []
+    offset = 0
+    for name, payload in sections:
+        table.append({"name": name, "offset": offset, "length": len(payload), "crc32c": crc32c(payload)})
+        offset += len(payload)
+    full = dict(header, sections=table)
+    header_bytes = json.dumps(full, separators=(",", ":"), sort_keys=True, allow_nan=False).encode("utf-8")
+    if len(header_bytes) > MAX_HEADER_BYTES:
+        raise FormatError(f"header of {len(header_bytes)} bytes exceeds the {MAX_HEADER_BYTES}-byte cap")
+    preamble = PREAMBLE.pack(MAGIC, FORMAT_MAJOR, FORMAT_MINOR, 0, len(header_bytes), crc32c(header_bytes))
+    return b"".join([preamble, header_bytes, *(payload for _, payload in sections)])
+
+
+class Container:
+    """A parsed, validated container; section payloads are checksummed on access."""
+
+    def __init__(self, data):
+        self.data = memoryview(data).cast("B") if not isinstance(data, memoryview) else data.cast("B")
+        if self.data.ndim != 1:
+            raise FormatError("container data must be a flat byte string")
+        n = len(self.data)
+        if n < PREAMBLE_SIZE:
+            raise FormatError(f"too short for a seqkv container: {n} bytes (the preamble alone is {PREAMBLE_SIZE})")
+        magic, major, minor, flags, header_len, header_crc = PREAMBLE.unpack_from(self.data, 0)
+        if magic != MAGIC:
+            raise FormatError("not a seqkv container (bad magic bytes)")
+        if major != FORMAT_MAJOR:
+            raise UnsupportedVersionError(
+                f"container format {major}.{minor} is not supported by this seqkv (reads {FORMAT_MAJOR}.x)"
+            )
+        self.version = (major, minor)
+        if flags & ~KNOWN_FLAGS:
+            raise FormatError(f"reserved flag bits are set (flags=0x{flags:04x})")
+        if header_len > MAX_HEADER_BYTES:
+            raise FormatError(f"header length {header_len} exceeds the {MAX_HEADER_BYTES}-byte cap")
+        if PREAMBLE_SIZE + header_len > n:
+            raise FormatError(f"truncated: header needs {header_len} bytes, {n - PREAMBLE_SIZE} present")
+        header_bytes = self.data[PREAMBLE_SIZE:PREAMBLE_SIZE + header_len]
+        if crc32c(header_bytes) != header_crc:
+            raise ChecksumError("header checksum mismatch (the container is corrupted)")
+        try:
+            header = json.loads(bytes(header_bytes).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise FormatError(f"header is not valid JSON: {exc}") from None
+        if not isinstance(header, dict):
+            raise FormatError("header must be a JSON object")
+        self.header = header
+        self.payload_start = PREAMBLE_SIZE + header_len
+        self.sections = self._parse_sections(header.get("sections"), n - self.payload_start)
+        self.total_bytes = n
+
+    @staticmethod
+    def _parse_sections(raw, available: int) -> dict[str, Section]:
+        if not isinstance(raw, list) or len(raw) > MAX_SECTIONS:
+            raise FormatError("header has no valid section table")
+        out: dict[str, Section] = {}
+        expected = 0
+        for entry in raw:
+            try:
+                sec = Section(str(entry["name"]), int(entry["offset"]), int(entry["length"]), int(entry["crc32c"]))
+            except (KeyError, TypeError, ValueError):
+                raise FormatError(f"malformed section entry {entry!r}") from None
+            if sec.offset != expected or sec.length < 0:
+                raise FormatError(f"section {sec.name!r} is not contiguous (offset {sec.offset}, expected {expected})")
+            if sec.name in out:
+                raise FormatError(f"duplicate section {sec.name!r}")
+            expected = sec.offset + sec.length
+            out[sec.name] = sec
+        if expected != available:
+            raise FormatError(
+                f"section table covers {expected} bytes but {available} follow the header "
+                f"({'truncated' if expected > available else 'trailing bytes'})"
+            )
+        return out
+
+    def section(self, name: str) -> memoryview:
+        sec = self.sections.get(name)
+        if sec is None:
+            raise FormatError(f"missing section {name!r}")
+        start = self.payload_start + sec.offset
+        payload = self.data[start:start + sec.length]
+        if crc32c(payload) != sec.crc32c:
+            raise ChecksumError(f"section {name!r} checksum mismatch (the container is corrupted)")
+        return payload
+
+    def section_sizes(self) -> dict[str, int]:
+        return {name: sec.length for name, sec in self.sections.items()}

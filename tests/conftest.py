@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny random-initialised models of the supported families (fast, no weights)."""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_model(family: str = "llama", layers: int = 2, kv_heads: int = 2, heads: int = 4, head_dim: int = 16):
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    classes = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+               "mistral": (MistralConfig, MistralForCausalLM)}
+    config_cls, model_cls = classes[family]
+    extra = {"sliding_window": None} if family in ("mistral", "qwen2") else {}
+    config = config_cls(vocab_size=96, hidden_size=heads * head_dim, intermediate_size=64, num_hidden_layers=layers,
+                        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+                        max_position_embeddings=512, **extra)
+    torch.manual_seed(1234)
+    return model_cls(config).eval()
+
+
+@torch.no_grad()
+def tiny_cache(family: str = "llama", tokens: int = 24, dtype=torch.float32, seed: int = 0, **kw):
+    model = tiny_model(family, **kw)
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 96, (1, tokens), generator=gen)
+    cache = model(ids, use_cache=True).past_key_values
+    if dtype != torch.float32:
+        for layer in cache.layers:
+            layer.keys = layer.keys.to(dtype)
+            layer.values = layer.values.to(dtype)
+    return model, cache
+
+
+@pytest.fixture
+def llama_cache():
+    return tiny_cache("llama")
