@@ -93,9 +93,7 @@ def read_table(reader: Reader) -> FreqTable:
     k = reader.uvarint(max_value=TABLE_TOTAL // 2)
     if k < 2:
         raise FormatError(f"{reader.what}: entropy table with {k} symbols (need >= 2)")
-    freqs = np.empty(k, dtype=np.uint32)
-    for i in range(k):
-        freqs[i] = reader.uvarint(max_value=TABLE_TOTAL - 1) + 1
+    freqs = (reader.uvarint_array(k, max_value=TABLE_TOTAL - 1) + 1).astype(np.uint32)
     if int(freqs.sum(dtype=np.uint64)) != TABLE_TOTAL:
         raise FormatError(f"{reader.what}: entropy table does not sum to 2**{TABLE_BITS}")
     return FreqTable(lo, freqs)

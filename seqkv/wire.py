@@ -95,6 +95,33 @@ class Reader:
             raise FormatError(f"{self.what}: value {result} exceeds its bound {max_value}")
         return result
 
+    def uvarint_array(self, count: int, max_value: int = (1 << 63) - 1) -> np.ndarray:
+        """``count`` consecutive uvarints, decoded with numpy (int64)."""
+        if count == 0:
+            return np.zeros(0, dtype=np.int64)
+        window = np.frombuffer(self.buf, dtype=np.uint8, count=min(self.end - self.pos, 10 * count), offset=self.pos)
+        ends = np.flatnonzero(window < 0x80)[:count]
+        if len(ends) < count:
+            raise FormatError(f"{self.what}: truncated varint array ({len(ends)} of {count} values)")
+        starts = np.empty(count, dtype=np.int64)
+        starts[0] = 0
+        starts[1:] = ends[:-1] + 1
+        if int((ends - starts).max()) >= 9:
+            raise FormatError(f"{self.what}: varint longer than 63 bits")
+        used = window[: int(ends[-1]) + 1].astype(np.int64)
+        group = np.repeat(np.arange(count), ends - starts + 1)
+        shift = 7 * (np.arange(len(used)) - starts[group])
+        values = np.zeros(count, dtype=np.int64)
+        np.add.at(values, group, (used & 0x7F) << shift)
+        if int(values.max()) > max_value:
+            raise FormatError(f"{self.what}: value exceeds its bound {max_value}")
+        self.pos += len(used)
+        return values
+
+    def svarint_array(self, count: int) -> np.ndarray:
+        u = self.uvarint_array(count)
+        return np.where(u & 1, -((u + 1) >> 1), u >> 1)
+
     def svarint(self, max_abs: int = (1 << 62)) -> int:
         v = unzigzag(self.uvarint())
         if abs(v) > max_abs:

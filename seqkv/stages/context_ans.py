@@ -75,11 +75,13 @@ class ContextANS(Stage):
 
     def decode(self, reader: Reader, shape: tuple[int, int, int]) -> np.ndarray:
         heads, tokens, dim = shape
-        offsets = np.array([reader.svarint(max_abs=1 << 31) for _ in range(heads * dim)], dtype=np.int64)
+        offsets = reader.svarint_array(heads * dim)
+        if offsets.size and np.abs(offsets).max() > 1 << 31:
+            raise FormatError(f"{reader.what}: channel offset out of range")
         classes = np.frombuffer(reader.bytes(heads * dim), dtype=np.uint8)
         if classes.size and classes.max() >= MAX_CLASSES:
             raise FormatError(f"{reader.what}: channel class out of range")
-        columns = np.empty((heads * dim, tokens), dtype=np.int64)
+        columns = np.empty((heads * dim, tokens), dtype=np.int32)
         for c in np.unique(classes).tolist():
             rows = np.flatnonzero(classes == c)
             count = rows.size * tokens
@@ -87,13 +89,17 @@ class ContextANS(Stage):
             if shift > 31:
                 raise FormatError(f"{reader.what}: low-bit shift {shift} out of range")
             table = read_table(reader)
+            # every decoded value lies in [lo << shift, (lo + K) << shift) + offset: check int32 room once
+            lo, hi = table.lo << shift, (table.lo + table.size) << shift
+            if lo + int(offsets[rows].min()) < -(1 << 31) or hi + int(offsets[rows].max()) > (1 << 31):
+                raise FormatError(f"{reader.what}: decoded symbols would overflow int32")
             n_words = reader.uvarint(max_value=reader.remaining() // 4)
             words = reader.array("<u4", n_words)
-            symbols = decode_symbols(words, table, count)
+            symbols = decode_symbols(words, table, count).reshape(rows.size, tokens)
             if shift:
                 low = unpack_low_bits(reader.bytes((count * shift + 7) // 8), shift, count)
-                symbols = (symbols.astype(np.int64) << shift | low).astype(np.int32)
-            columns[rows] = symbols.reshape(rows.size, tokens) + offsets[rows, None]
-        if columns.size and (columns.min() < -(1 << 31) or columns.max() >= 1 << 31):
-            raise FormatError(f"{reader.what}: decoded symbols overflow int32")
-        return np.ascontiguousarray(columns.astype(np.int32).reshape(heads, dim, tokens).transpose(0, 2, 1))
+                symbols = (symbols.astype(np.int64) << shift | low.reshape(rows.size, tokens)).astype(np.int32)
+            symbols += offsets[rows, None].astype(np.int32)
+            columns[rows] = symbols
+        # a transposed view: the caller's dequantization copies it into [H, T, D] order anyway
+        return columns.reshape(heads, dim, tokens).transpose(0, 2, 1)

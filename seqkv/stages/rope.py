@@ -10,27 +10,46 @@ from __future__ import annotations
 import torch
 
 
-def _cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float):
-    freqs = positions.to(torch.float32)[:, None] * inv_freq.to(torch.float32)[None, :]
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos() * scaling, emb.sin() * scaling
+_ANGLE_CACHE: dict = {}
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def _cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor):
+    """cos and sin of every (position, frequency) angle, [tokens, head_dim/2]; memoised per call pattern,
+    because every layer of a cache uses the same positions."""
+    key = (positions.data_ptr(), positions.numel(), int(positions[0]) if positions.numel() else 0,
+           int(positions[-1]) if positions.numel() else 0, tuple(inv_freq.tolist()))
+    hit = _ANGLE_CACHE.get(key)
+    if hit is None:
+        angles = positions.to(torch.float32)[:, None] * inv_freq.to(torch.float32)[None, :]
+        hit = (angles.cos(), angles.sin())
+        _ANGLE_CACHE.clear()  # keep one entry: the cache being encoded or decoded
+        _ANGLE_CACHE[key] = hit
+    return hit
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, scale: float) -> torch.Tensor:
+    """Rotate each channel pair (i, i + d/2) by the angle whose cos/sin are given, then scale."""
     half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    lo, hi = x[..., :half], x[..., half:]
+    out = torch.empty_like(x)
+    torch.sub(lo * cos, hi * sin, out=out[..., :half])
+    torch.add(hi * cos, lo * sin, out=out[..., half:])
+    if scale != 1.0:
+        out *= scale
+    return out
 
 
 def apply_rope(keys: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float) -> torch.Tensor:
-    """keys: [..., tokens, head_dim] float32 pre-RoPE -> post-RoPE (as transformers does)."""
-    cos, sin = _cos_sin(positions, inv_freq, scaling)
-    return keys * cos + _rotate_half(keys) * sin
+    """keys: [..., tokens, head_dim] float32 pre-RoPE -> post-RoPE (as transformers does:
+    ``k*cos + rotate_half(k)*sin``, with cos/sin multiplied by the attention scaling)."""
+    cos, sin = _cos_sin(positions, inv_freq)
+    return _rotate(keys, cos, sin, scaling)
 
 
 def remove_rope(keys: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float) -> torch.Tensor:
     """Inverse of :func:`apply_rope` (rotation by -angle, divided by the scaling)."""
-    cos, sin = _cos_sin(positions, inv_freq, 1.0)
-    return (keys * cos - _rotate_half(keys) * sin) / scaling
+    cos, sin = _cos_sin(positions, inv_freq)
+    return _rotate(keys, cos, -sin, 1.0 / scaling)
 
 
 from .base import Stage, TensorContext, register  # noqa: E402  (the stage wraps the functions above)

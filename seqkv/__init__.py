@@ -1,0 +1,18 @@
+"""seqkv: compress transformer KV caches into small, self-describing byte strings and back."""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .codec import decode, encode, inspect  # noqa: E402
+from .errors import (  # noqa: E402
+    ChecksumError, ConfigError, DecodeError, EncodeError, FormatError, ModelMismatchError,
+    NonFiniteError, SeqKVError, StorageError, UnsupportedCacheError, UnsupportedVersionError,
+)
+from .layout import ModelLayout, layout_from_model  # noqa: E402
+from .presets import PRESETS  # noqa: E402
+
+__all__ = [
+    "encode", "decode", "inspect", "PRESETS", "ModelLayout", "layout_from_model",
+    "SeqKVError", "ConfigError", "EncodeError", "UnsupportedCacheError", "NonFiniteError", "DecodeError",
+    "FormatError", "UnsupportedVersionError", "ChecksumError", "ModelMismatchError", "StorageError",
+]

@@ -1,0 +1,246 @@
+"""The `seqkv` command line: demo, encode, decode, inspect, eval."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from .errors import SeqKVError
+
+DEFAULT_TEXT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "texts", "psf_license.txt")
+PRESET_ORDER = ("lossless", "near_lossless", "balanced", "small")
+
+
+def _read_text(path: str | None) -> str:
+    if path is None:
+        path = DEFAULT_TEXT
+        if not os.path.exists(path):  # installed without the repo: fall back to a stdlib text
+            import sysconfig
+
+            path = os.path.join(sysconfig.get_paths()["stdlib"], "LICENSE.txt")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as exc:
+        raise SeqKVError(f"cannot read text file {path!r}: {exc.strerror}") from None
+
+
+def _model():
+    from .embedded_model import load_embedded_model
+
+    print("loading the embedded model (SmolLM2-135M-Instruct, GGUF)...", file=sys.stderr)
+    return load_embedded_model()
+
+
+def _prefill_text(model, tokenizer, text: str, tokens: int, cache_dtype: str):
+    import torch
+
+    from .hf_adapter import DTYPES_BY_NAME
+    from .quality import clone_cache, prefill
+
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    if ids.shape[1] < tokens:
+        print(f"note: the text has only {ids.shape[1]} tokens; using all of them", file=sys.stderr)
+        tokens = ids.shape[1]
+    cache = prefill(model, ids, tokens)
+    return ids, tokens, clone_cache(cache, DTYPES_BY_NAME[cache_dtype]) if cache_dtype else cache, torch
+
+
+def cmd_demo(args) -> int:
+    from . import codec
+    from .generation import greedy_continue
+    from .quality import clone_cache
+
+    model, tokenizer = _model()
+    text = _read_text(args.text)
+    # the cache holds tokens [0, P-1); token P-1 is then fed at position P-1 to start generating
+    ids, n, _, torch = _prefill_text(model, tokenizer, text, args.tokens, None)
+    from .quality import prefill
+
+    cache = clone_cache(prefill(model, ids, n - 1), getattr(torch, args.cache_dtype))
+    last = int(ids[0, n - 1])
+    model_dtype = next(model.parameters()).dtype
+    print(f"prefilled {n - 1} tokens of {args.text or 'bench/texts/psf_license.txt'}; cache dtype {args.cache_dtype}",
+          file=sys.stderr)
+    reference = greedy_continue(model, clone_cache(cache, model_dtype), last, n - 1, args.new_tokens)
+    raw = sum(layer.keys.numel() * 2 * 2 for layer in cache.layers)
+    print(f"\nreference continuation: {tokenizer.decode(reference)!r}\n")
+    print(f"| preset | bytes | ratio vs fp16 | bits/elem | encode ms | decode ms | greedy tokens identical |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| (fp16 raw) | {raw} | 1.00x | 16.000 | – | – | {args.new_tokens}/{args.new_tokens} |")
+    ok = True
+    for preset in PRESET_ORDER:
+        t0 = time.perf_counter()
+        blob = codec.encode(cache, preset=preset, model=model)
+        t1 = time.perf_counter()
+        decoded = codec.decode(blob, dtype=model_dtype)
+        t2 = time.perf_counter()
+        info = codec.inspect(blob)
+        got = greedy_continue(model, decoded, last, info["positions"]["next"], args.new_tokens)
+        same = next((i for i, (a, b) in enumerate(zip(got, reference)) if a != b), len(reference))
+        match = sum(a == b for a, b in zip(got, reference))
+        print(f"| {preset} | {len(blob)} | {info['ratio_vs_fp16']:.2f}x | {info['bits_per_element']:.3f} | "
+              f"{1000 * (t1 - t0):.0f} | {1000 * (t2 - t1):.0f} | {match}/{len(reference)} (first {same} in a row) |")
+        if preset == "lossless":
+            exact = all(torch.equal(a.keys, b.keys.to(a.keys.dtype)) and torch.equal(a.values, b.values.to(a.values.dtype))
+                        for a, b in zip(cache.layers, codec.decode(blob).layers))
+            ok &= exact and got == reference
+    print("\nlossless: bit-exact round trip and identical greedy continuation:", "yes" if ok else "NO")
+    return 0 if ok else 1
+
+
+def cmd_encode(args) -> int:
+    from . import codec
+
+    model, tokenizer = _model()
+    _, n, cache, _ = _prefill_text(model, tokenizer, _read_text(args.text), args.tokens, args.cache_dtype)
+    options = {"step": args.step} if args.step is not None else {}
+    blob = codec.encode(cache, preset=args.preset, model=model, progress=True, **options)
+    _write_atomic(args.output, blob)
+    info = codec.inspect(blob)
+    print(f"wrote {args.output}: {len(blob)} bytes, {n} tokens, ratio {info['ratio_vs_fp16']:.2f}x vs fp16, "
+          f"{info['bits_per_element']:.3f} bits/element")
+    return 0
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _read_bytes(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise SeqKVError(f"cannot read {path!r}: {exc.strerror}") from None
+
+
+def cmd_decode(args) -> int:
+    from safetensors.torch import save_file
+
+    from . import codec
+
+    data = _read_bytes(args.input)
+    cache = codec.decode(data, progress=True)
+    info = codec.inspect(data)
+    tensors = {}
+    for i, layer in enumerate(cache.layers):
+        tensors[f"layer.{i}.keys"] = layer.keys.contiguous()
+        tensors[f"layer.{i}.values"] = layer.values.contiguous()
+    meta = {"next_position": str(info["positions"]["next"]), "start_position": str(info["positions"]["start"]),
+            "model_fingerprint": info["model"]["fingerprint"]}
+    tmp = f"{args.output}.tmp-{os.getpid()}"
+    save_file(tensors, tmp, metadata=meta)
+    os.replace(tmp, args.output)
+    print(f"wrote {args.output}: {len(tensors)} tensors, next position {info['positions']['next']}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from . import codec
+
+    info = codec.inspect(_read_bytes(args.input))
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    m = info["model"]
+    print(f"seqkv container v{info['format_version']} ({info['created_by']})")
+    print(f"  preset          {info['preset']}  pipeline {json.dumps(info['pipeline'])}")
+    print(f"  model           {m['layers']} layers x {m['kv_heads']} KV heads x head_dim {m['head_dim']}, "
+          f"RoPE {m['rope_type']} theta={m['rope_theta']:g}; fingerprint {m['fingerprint'][:16]}")
+    print(f"  cache           {info['dtype']}, {info['tokens']} tokens, positions {info['positions']['start']}.."
+          f"{info['positions']['next'] - 1} (next {info['positions']['next']})")
+    print(f"  size            {info['total_bytes']} bytes (header {info['header_bytes']}), keys {info['keys_bytes']}, "
+          f"values {info['values_bytes']}")
+    print(f"  ratio vs fp16   {info['ratio_vs_fp16']:.3f}x   bits/element {info['bits_per_element']:.4f}")
+    if args.sections:
+        for name, size in info["section_bytes"].items():
+            print(f"    {name:24s} {size}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import evaluate_text, format_table
+
+    model, tokenizer = _model()
+    texts = args.text or [None]
+    out = []
+    report = []
+    for path in texts:
+        rows = evaluate_text(model, tokenizer, _read_text(path), presets=args.presets, prompt_len=args.prompt_len,
+                             continuation_len=args.continuation_len, cache_dtype=args.cache_dtype,
+                             repeat=args.repeat, progress=True)
+        title = f"{os.path.basename(path or DEFAULT_TEXT)} (P={args.prompt_len}, C={args.continuation_len}, {args.cache_dtype} cache)"
+        table = format_table(rows, title)
+        print(table + "\n", flush=True)
+        report.append(table)
+        out.append({"text": path, "rows": [r.as_dict() for r in rows]})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write("\n\n".join(report) + "\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="seqkv", description="Compress transformer KV caches.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="encode a real cache at every preset and continue generation from it")
+    d.add_argument("--text", help="text file to prefill (default: bench/texts/psf_license.txt)")
+    d.add_argument("--tokens", type=int, default=2048, help="prompt tokens (default 2048)")
+    d.add_argument("--new-tokens", type=int, default=32, help="greedy tokens to generate (default 32)")
+    d.add_argument("--cache-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    d.set_defaults(func=cmd_demo)
+
+    e = sub.add_parser("encode", help="prefill a text with the embedded model and write the encoded cache")
+    e.add_argument("--text", help="text file (default: bench/texts/psf_license.txt)")
+    e.add_argument("--tokens", type=int, default=2048)
+    e.add_argument("--preset", default="balanced", choices=PRESET_ORDER)
+    e.add_argument("--step", type=float, help="quality knob: quantizer step relative to RMS (lossy presets)")
+    e.add_argument("--cache-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    e.add_argument("-o", "--output", required=True)
+    e.set_defaults(func=cmd_encode)
+
+    dd = sub.add_parser("decode", help="decode a container to a .safetensors file of per-layer keys/values")
+    dd.add_argument("input")
+    dd.add_argument("-o", "--output", required=True)
+    dd.set_defaults(func=cmd_decode)
+
+    i = sub.add_parser("inspect", help="show a container's header, sizes, ratio and bits/element")
+    i.add_argument("input")
+    i.add_argument("--json", action="store_true")
+    i.add_argument("--sections", action="store_true", help="list every section's size")
+    i.set_defaults(func=cmd_inspect)
+
+    v = sub.add_parser("eval", help="ratio, KL, top-1, perplexity ratio and MB/s on real text, with baselines")
+    v.add_argument("--text", action="append", help="text file (repeatable; default bench/texts/psf_license.txt)")
+    v.add_argument("--presets", nargs="+", default=list(PRESET_ORDER), choices=PRESET_ORDER)
+    v.add_argument("--prompt-len", type=int, default=2048)
+    v.add_argument("--continuation-len", type=int, default=256)
+    v.add_argument("--cache-dtype", default="float16", choices=["float16", "bfloat16"])
+    v.add_argument("--repeat", type=int, default=1, help="timing repeats (best is kept)")
+    v.add_argument("--json", help="also write the rows as JSON here")
+    v.add_argument("--markdown", help="also write the tables as markdown here")
+    v.set_defaults(func=cmd_eval)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SeqKVError as exc:
+        print(f"seqkv: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

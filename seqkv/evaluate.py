@@ -1,0 +1,98 @@
+"""`seqkv eval`: the rate and quality protocol of design notes §5 on the embedded model.
+
+For each preset: ratio vs fp16, bits/element, mean/p99 KL, top-1 agreement,
+perplexity ratio, encode/decode MB/s (MB of fp16 cache per second), and the
+baselines (raw fp16, zstd-3, shuffle+zstd-3) measured in the same run.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from . import codec
+from .baselines import cache_bits, shuffle_bytes, unshuffle_bytes, zstd_compress, zstd_decompress
+from .hf_adapter import DTYPES_BY_NAME, cache_layers
+from .progress import progress_bar
+from .quality import QualityProbe
+
+
+@dataclass
+class EvalRow:
+    name: str
+    bytes: int
+    ratio: float
+    bits_per_element: float
+    mean_kl: float | None
+    p99_kl: float | None
+    top1: float | None
+    ppl_ratio: float | None
+    encode_mb_s: float
+    decode_mb_s: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _timed(fn, repeat: int):
+    best = float("inf")
+    out = None
+    for _ in range(max(1, repeat)):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return out, best
+
+
+def load_token_ids(tokenizer, text: str) -> torch.Tensor:
+    return tokenizer(text, return_tensors="pt").input_ids
+
+
+def evaluate_text(model, tokenizer, text: str, presets=("lossless", "near_lossless", "balanced", "small"),
+                  prompt_len: int = 2048, continuation_len: int = 256, cache_dtype: str = "float16",
+                  configs: dict | None = None, repeat: int = 1, progress: bool = False) -> list[EvalRow]:
+    """Run the protocol on one text; ``configs`` maps extra row names to encode() keyword dicts."""
+    probe = QualityProbe(model, load_token_ids(tokenizer, text), prompt_len, continuation_len,
+                         cache_dtype=DTYPES_BY_NAME[cache_dtype])
+    layers = cache_layers(probe.cache)
+    elements = sum(k.numel() + v.numel() for k, v in layers)
+    raw_fp16 = 2 * elements
+    mb = raw_fp16 / 1e6
+    rows = []
+
+    raw = cache_bits(layers)
+    itemsize = layers[0][0].element_size()
+    for name, fwd, inv in [
+        ("zstd-3", lambda: zstd_compress(raw), lambda b: zstd_decompress(b)),
+        ("shuffle+zstd-3", lambda: zstd_compress(shuffle_bytes(raw, itemsize)),
+         lambda b: unshuffle_bytes(torch.frombuffer(bytearray(zstd_decompress(b)), dtype=torch.uint8).numpy(), itemsize)),
+    ]:
+        blob, t_enc = _timed(fwd, repeat)
+        _, t_dec = _timed(lambda: inv(blob), repeat)
+        rows.append(EvalRow(name, len(blob), raw_fp16 / len(blob), 8 * len(blob) / elements, 0.0, 0.0, 1.0, 1.0,
+                            mb / t_enc, mb / t_dec))
+
+    jobs = [(p, {"preset": p}) for p in presets] + list((configs or {}).items())
+    for name, kwargs in progress_bar(jobs, desc="eval", enabled=progress):
+        blob, t_enc = _timed(lambda: codec.encode(probe.cache, model=model, **kwargs), repeat)
+        decoded, t_dec = _timed(lambda: codec.decode(blob), repeat)
+        q = probe.score(decoded, next_position=codec.inspect(blob)["positions"]["next"])
+        rows.append(EvalRow(name, len(blob), raw_fp16 / len(blob), 8 * len(blob) / elements, q.mean_kl, q.p99_kl,
+                            q.top1_agreement, q.ppl_ratio, mb / t_enc, mb / t_dec))
+    return rows
+
+
+def format_table(rows: list[EvalRow], title: str = "") -> str:
+    head = "| codec | bytes | ratio vs fp16 | bits/elem | mean KL | p99 KL | top-1 | ppl ratio | enc MB/s | dec MB/s |"
+    lines = ([f"**{title}**", ""] if title else []) + [head, "|" + "---|" * 10]
+
+    def f(v, fmt):
+        return "–" if v is None else format(v, fmt)
+
+    for r in rows:
+        lines.append(
+            f"| {r.name} | {r.bytes} | {r.ratio:.2f}x | {r.bits_per_element:.3f} | {f(r.mean_kl, '.5f')} | "
+            f"{f(r.p99_kl, '.4f')} | {f(r.top1, '.3f')} | {f(r.ppl_ratio, '.4f')} | {r.encode_mb_s:.0f} | {r.decode_mb_s:.0f} |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,158 @@
+"""Decode must raise only DecodeError subclasses on damaged input: never crash, hang or allocate without bound.
+
+Three kinds of damage: raw (truncation, bit flips, overwrites: caught by lengths and checksums),
+and *resealed* damage, where the checksums are recomputed after mutating a section or the header,
+so the mutation reaches the parsers behind the checksums.
+"""
+import functools
+import json
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import seqkv
+from seqkv.checksum import crc32c
+from seqkv.container import MAGIC, PREAMBLE, Container
+from seqkv.errors import DecodeError
+
+from conftest import tiny_cache
+
+FUZZ = settings(max_examples=150, deadline=5000, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+@functools.lru_cache(maxsize=None)
+def sample(kind: str) -> bytes:
+    if kind == "lossless16":
+        model, cache = tiny_cache("llama", tokens=12, dtype=torch.float16)
+        return seqkv.encode(cache, preset="lossless", model=model)
+    if kind == "lossless32":
+        model, cache = tiny_cache("qwen2", tokens=9)
+        return seqkv.encode(cache, preset="lossless", model=model, positions=[0, 2, 4, 6, 8, 10, 12, 14, 16])
+    if kind == "lloydmax":
+        model, cache = tiny_cache("llama", tokens=12)
+        return seqkv.encode(cache, preset="balanced", model=model, rotation="hadamard", quantizer="lloydmax", bits=3)
+    model, cache = tiny_cache("llama", tokens=12, dtype=torch.bfloat16)
+    return seqkv.encode(cache, preset=kind, model=model)
+
+
+KINDS = st.sampled_from(["lossless16", "lossless32", "balanced", "small", "lloydmax"])
+
+
+def reseal(header: dict, sections: list[bytes]) -> bytes:
+    table = []
+    offset = 0
+    for entry, payload in zip(header["sections"], sections):
+        table.append(dict(entry, offset=offset, length=len(payload), crc32c=crc32c(payload)))
+        offset += len(payload)
+    header = dict(header, sections=table)
+    hb = json.dumps(header).encode()
+    return PREAMBLE.pack(MAGIC, 1, 0, 0, len(hb), crc32c(hb)) + hb + b"".join(sections)
+
+
+def split(data: bytes):
+    c = Container(data)
+    return c.header, [bytes(c.section(e["name"])) for e in c.header["sections"]]
+
+
+def must_decode_or_refuse(data):
+    try:
+        cache = seqkv.decode(data, max_decoded_bytes=1 << 26)
+    except DecodeError:
+        return
+    assert len(cache.layers) >= 1
+    try:
+        seqkv.inspect(data)
+    except DecodeError:
+        pass
+
+
+@FUZZ
+@given(KINDS, st.data())
+def test_truncated(kind, data):
+    blob = sample(kind)
+    cut = data.draw(st.integers(0, len(blob) - 1))
+    with pytest.raises(DecodeError):
+        seqkv.decode(blob[:cut])
+
+
+@FUZZ
+@given(KINDS, st.data())
+def test_bit_flips(kind, data):
+    blob = bytearray(sample(kind))
+    positions = data.draw(st.sets(st.integers(0, len(blob) - 1), min_size=1, max_size=4))
+    for i in positions:  # distinct bytes, so two flips never cancel
+        blob[i] ^= 1 << data.draw(st.integers(0, 7))
+    with pytest.raises(DecodeError):  # every byte is covered by a length, the magic or a checksum
+        seqkv.decode(bytes(blob))
+
+
+@FUZZ
+@given(KINDS, st.data())
+def test_resealed_section_mutations(kind, data):
+    header, sections = split(sample(kind))
+    i = data.draw(st.integers(0, len(sections) - 1))
+    payload = bytearray(sections[i])
+    op = data.draw(st.sampled_from(["flip", "overwrite", "truncate", "extend", "insert"]))
+    if op == "flip" and payload:
+        j = data.draw(st.integers(0, len(payload) - 1))
+        payload[j] ^= 1 << data.draw(st.integers(0, 7))
+    elif op == "overwrite" and payload:
+        j = data.draw(st.integers(0, len(payload) - 1))
+        chunk = data.draw(st.binary(min_size=1, max_size=16))
+        payload[j:j + len(chunk)] = chunk
+    elif op == "truncate":
+        del payload[data.draw(st.integers(0, len(payload))):]
+    elif op == "extend":
+        payload += data.draw(st.binary(min_size=1, max_size=64))
+    else:
+        j = data.draw(st.integers(0, len(payload)))
+        payload[j:j] = data.draw(st.binary(min_size=1, max_size=8))
+    sections[i] = bytes(payload)
+    must_decode_or_refuse(reseal(header, sections))
+
+
+JSON_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=False),
+                        st.text(max_size=8), st.lists(st.integers(-5, 5), max_size=4), st.dictionaries(st.text(max_size=4), st.integers(), max_size=2))
+
+
+@FUZZ
+@given(KINDS, st.data())
+def test_resealed_header_mutations(kind, data):
+    header, sections = split(sample(kind))
+    paths = [("tokens",), ("layers",), ("kv_heads",), ("head_dim",), ("dtype",), ("batch",), ("positions",),
+             ("positions", "start"), ("positions", "next"), ("positions", "contiguous"), ("model",), ("model", "layers"),
+             ("model", "head_dim"), ("model", "rope_inv_freq"), ("model", "rope_attention_scaling"), ("pipeline",),
+             ("pipeline", "mode"), ("pipeline", "coder"), ("pipeline", "quantizer"), ("pipeline", "sink_tokens"),
+             ("pipeline", "transforms")]
+    path = data.draw(st.sampled_from(paths))
+    target = header
+    for key in path[:-1]:
+        target = target.setdefault(key, {}) if isinstance(target, dict) else {}
+    if isinstance(target, dict):
+        if data.draw(st.booleans()):
+            target[path[-1]] = data.draw(JSON_VALUES)
+        else:
+            target.pop(path[-1], None)
+    must_decode_or_refuse(reseal(header, sections))
+
+
+@pytest.mark.parametrize("tokens", [2**26, 2**40])
+def test_absurd_sizes_refused_before_allocating(tokens):
+    header, sections = split(sample("balanced"))
+    header["tokens"] = tokens
+    header["positions"] = {"start": 0, "next": tokens, "contiguous": True}
+    with pytest.raises(DecodeError, match="max_decoded_bytes|outside"):
+        seqkv.decode(reseal(header, sections))
+
+
+def test_unknown_stage_and_future_major_version():
+    header, sections = split(sample("balanced"))
+    header["pipeline"]["coder"] = {"id": "brotli-9000"}
+    with pytest.raises(DecodeError, match="unknown"):
+        seqkv.decode(reseal(header, sections))
+    blob = bytearray(sample("balanced"))
+    blob[8] = 2
+    with pytest.raises(seqkv.UnsupportedVersionError):
+        seqkv.decode(bytes(blob))
