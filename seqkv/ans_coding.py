@@ -126,8 +126,8 @@ def decode_symbols(words: np.ndarray, table: FreqTable, count: int, *, use_ext: 
     if use_ext and _ext_ans is not None:
         idx, clean = _ext_ans.decode(words, table.freqs, count, CODER_PRECISION - TABLE_BITS)
     else:
-        coder = constriction.stream.stack.AnsCoder(words)
         try:
+            coder = constriction.stream.stack.AnsCoder(words)
             idx = coder.decode(_model(table), count) if count else np.zeros(0, np.int32)
         except Exception as exc:  # constriction reports exhausted/invalid streams as generic errors
             raise FormatError(f"ANS stream is invalid: {exc}") from None

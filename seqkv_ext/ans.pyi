@@ -1,0 +1,22 @@
+import numpy as np
+import numpy.typing as npt
+
+__all__ = ["decode", "PRECISION", "MAX_TABLE_BITS", "MAX_ALPHABET"]
+
+PRECISION: int
+MAX_TABLE_BITS: int
+MAX_ALPHABET: int
+
+def decode(
+    words: npt.NDArray[np.uint32],
+    freqs: npt.ArrayLike,
+    count: int,
+    shift: int,
+) -> tuple[npt.NDArray[np.int32], bool]: ...
+def _decode_with(
+    words: npt.NDArray[np.uint32],
+    freqs: npt.ArrayLike,
+    count: int,
+    shift: int,
+    strategy: str,
+) -> tuple[npt.NDArray[np.int32], bool]: ...

@@ -1,0 +1,52 @@
+"""Write the golden containers of the current format version (run once per format change).
+
+    python tests/golden/make_golden.py
+
+Each golden file NAME.skv comes with NAME.expected.safetensors, the tensors it
+must decode to.  Never regenerate the files of an older version: future readers
+must keep decoding them as they are.
+"""
+import os
+import sys
+
+import torch
+from safetensors.torch import save_file
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))  # tests/, for conftest
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repo, when not installed
+
+import seqkv  # noqa: E402
+from conftest import tiny_cache  # noqa: E402
+
+VERSION = "v1_0"
+CASES = {
+    "lossless_fp16": dict(family="llama", dtype=torch.float16, kw={"preset": "lossless"}),
+    "lossless_bf16_positions": dict(family="qwen2", dtype=torch.bfloat16,
+                                    kw={"preset": "lossless", "positions": list(range(0, 36, 3))}),
+    "lossless_fp32": dict(family="mistral", dtype=torch.float32, kw={"preset": "lossless"}),
+    "balanced_fp16": dict(family="llama", dtype=torch.float16, kw={"preset": "balanced"}),
+    "small_bf16_start100": dict(family="qwen2", dtype=torch.bfloat16, kw={"preset": "small", "positions": 100}),
+    "hadamard_lloydmax_fp32": dict(family="llama", dtype=torch.float32,
+                                   kw={"preset": "balanced", "rotation": "hadamard", "quantizer": "lloydmax", "bits": 3}),
+}
+
+
+def main():
+    for name, case in CASES.items():
+        model, cache = tiny_cache(case["family"], tokens=12, dtype=case["dtype"], seed=7)
+        blob = seqkv.encode(cache, model=model, **case["kw"])
+        base = os.path.join(HERE, f"{VERSION}_{name}")
+        with open(base + ".skv", "wb") as f:
+            f.write(blob)
+        decoded = seqkv.decode(blob)
+        tensors = {}
+        for i, layer in enumerate(decoded.layers):
+            tensors[f"layer.{i}.keys"] = layer.keys.contiguous()
+            tensors[f"layer.{i}.values"] = layer.values.contiguous()
+        save_file(tensors, base + ".expected.safetensors")
+        print(base, len(blob))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""Every golden container of every format version must still decode to its expected tensors."""
+import glob
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import seqkv
+
+GOLDEN = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "golden", "*.skv")))
+
+
+def test_golden_files_exist():
+    assert len(GOLDEN) >= 6
+
+
+@pytest.mark.parametrize("path", GOLDEN, ids=os.path.basename)
+def test_golden_decodes(path):
+    with open(path, "rb") as f:
+        blob = f.read()
+    expected = load_file(path.replace(".skv", ".expected.safetensors"))
+    info = seqkv.inspect(blob)
+    decoded = seqkv.decode(blob)
+    assert len(decoded.layers) == info["layers"]
+    for i, layer in enumerate(decoded.layers):
+        for kind in ("keys", "values"):
+            got, want = getattr(layer, kind), expected[f"layer.{i}.{kind}"]
+            assert got.dtype == want.dtype and got.shape == want.shape
+            if info["preset"] == "lossless":
+                assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+            else:  # lossy decode runs float maths (RoPE), which may differ in the last ulp across platforms
+                assert torch.allclose(got.float(), want.float(), rtol=1e-2, atol=1e-3 * float(want.float().abs().max()))
