@@ -1,0 +1,67 @@
+"""Encode/decode throughput of every preset on the real-model cache, side by side with zstd-3.
+
+Run:  python -m pytest bench/bench_codec.py --benchmark-only
+Every benchmark records in extra_info: MB of fp16 cache per second, the ratio vs fp16,
+bits/element, and its speed relative to zstd-3 on the same fp16 bytes in the same run.
+"""
+import pytest
+
+import seqkv
+from seqkv.baselines import cache_bits, shuffle_bytes, zstd_compress, zstd_decompress
+from seqkv.hf_adapter import cache_layers
+
+PRESETS = ["lossless", "near_lossless", "balanced", "small"]
+_SECONDS: dict[str, float] = {}
+
+
+@pytest.fixture(scope="module")
+def fp16_bytes(real_cache):
+    return cache_bits(cache_layers(real_cache))
+
+
+@pytest.fixture(scope="module")
+def blobs(real_cache, real_model):
+    return {p: seqkv.encode(real_cache, preset=p, model=real_model[0]) for p in PRESETS}
+
+
+def _record(benchmark, key, raw_bytes, out_bytes, elements):
+    secs = benchmark.stats.stats.median
+    _SECONDS[key] = secs
+    info = benchmark.extra_info
+    info["mb_per_s_fp16"] = raw_bytes / secs / 1e6
+    info["ratio_vs_fp16"] = raw_bytes / out_bytes
+    info["bits_per_element"] = 8 * out_bytes / elements
+    base = "zstd3_" + ("decode" if key.startswith("decode") else "encode")
+    if base in _SECONDS and base != key:
+        info["speed_vs_zstd3"] = _SECONDS[base] / secs
+
+
+def test_zstd3_compress(benchmark, fp16_bytes):
+    blob = benchmark(zstd_compress, fp16_bytes)
+    _record(benchmark, "zstd3_encode", fp16_bytes.size, len(blob), fp16_bytes.size // 2)
+
+
+def test_zstd3_decompress(benchmark, fp16_bytes):
+    blob = zstd_compress(fp16_bytes)
+    benchmark(zstd_decompress, blob)
+    _record(benchmark, "zstd3_decode", fp16_bytes.size, len(blob), fp16_bytes.size // 2)
+
+
+def test_shuffle_zstd3_compress(benchmark, fp16_bytes):
+    blob = benchmark(lambda: zstd_compress(shuffle_bytes(fp16_bytes, 2)))
+    _record(benchmark, "shufflezstd3_encode", fp16_bytes.size, len(blob), fp16_bytes.size // 2)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_encode(benchmark, real_cache, real_model, fp16_bytes, preset):
+    blob = benchmark.pedantic(seqkv.encode, args=(real_cache,), kwargs={"preset": preset, "model": real_model[0]},
+                              rounds=3, iterations=1)
+    _record(benchmark, f"encode_{preset}", fp16_bytes.size, len(blob), fp16_bytes.size // 2)
+    benchmark.extra_info["preset"] = preset
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_decode(benchmark, blobs, fp16_bytes, preset):
+    benchmark.pedantic(seqkv.decode, args=(blobs[preset],), rounds=5, iterations=1)
+    _record(benchmark, f"decode_{preset}", fp16_bytes.size, len(blobs[preset]), fp16_bytes.size // 2)
+    benchmark.extra_info["preset"] = preset
