@@ -71,6 +71,11 @@ class UniformQuantizer(Stage):
         return torch.from_numpy(steps)
 
     def dequantize(self, q: torch.Tensor, side: torch.Tensor, ctx: TensorContext) -> torch.Tensor:
+        channel_major = q.transpose(1, 2)
+        if channel_major.is_contiguous():
+            # the coder hands symbols over channel by channel: scale them in that layout (sequential
+            # memory), and let the caller's copy into [H, T, D] do the one transposition
+            return (channel_major.to(torch.float32) * side[:, :, None]).transpose(1, 2)
         return q.to(torch.float32) * side[:, None, :]
 
     def max_abs_error(self, side: torch.Tensor) -> torch.Tensor:
