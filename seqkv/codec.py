@@ -40,7 +40,7 @@ class _Pipeline:
         if self.lossless:
             return
         self.sink_tokens = config.get("sink_tokens", 0)
-        if not isinstance(self.sink_tokens, int) or self.sink_tokens < 0:
+        if not isinstance(self.sink_tokens, int) or isinstance(self.sink_tokens, bool) or not 0 <= self.sink_tokens <= MAX_TOKENS:
             raise ConfigError(f"invalid sink_tokens {self.sink_tokens!r}")
         transforms = config.get("transforms", [])
         if not isinstance(transforms, list):
@@ -186,6 +186,14 @@ def encode(cache, *, preset: str = "balanced", model=None, config=None, position
     return write_container(header, sections)
 
 
+def _json_int(obj: dict, key: str) -> int:
+    """A header integer: a JSON int, not a float, bool or string."""
+    value = obj[key]
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{key!r} must be an integer, got {value!r}")
+    return value
+
+
 class _Parsed:
     """A container whose header has been validated against the v1 schema."""
 
@@ -196,14 +204,17 @@ class _Parsed:
         h = c.header
         try:
             self.dtype = str(h["dtype"])
-            self.layers, self.heads, self.dim, self.tokens = (int(h[k]) for k in ("layers", "kv_heads", "head_dim", "tokens"))
+            self.layers, self.heads, self.dim, self.tokens = (_json_int(h, k) for k in ("layers", "kv_heads", "head_dim", "tokens"))
             self.layout = ModelLayout.from_json(h["model"])
             pos = h["positions"]
-            self.start, self.next_position, self.contiguous = int(pos["start"]), int(pos["next"]), bool(pos["contiguous"])
+            self.start, self.next_position = _json_int(pos, "start"), _json_int(pos, "next")
+            self.contiguous = pos["contiguous"]
+            if not isinstance(self.contiguous, bool):
+                raise TypeError("positions.contiguous must be a boolean")
             self.pipeline_config = h["pipeline"]
-            if int(h.get("batch", 1)) != 1:
+            if _json_int(h, "batch") != 1:
                 raise FormatError("only batch-1 containers exist in format v1")
-        except (KeyError, TypeError, ValueError, ConfigError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError, AttributeError, ConfigError) as exc:
             raise FormatError(f"header is missing or has invalid fields: {exc}") from None
         if self.dtype not in DTYPES_BY_NAME:
             raise FormatError(f"unknown dtype {self.dtype!r}")

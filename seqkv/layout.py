@@ -43,7 +43,7 @@ class ModelLayout:
     @classmethod
     def from_json(cls, d: dict) -> "ModelLayout":
         try:
-            return cls(
+            out = cls(
                 layers=int(d["layers"]), kv_heads=int(d["kv_heads"]), head_dim=int(d["head_dim"]),
                 rope_type=str(d.get("rope_type", "default")), rope_theta=float(d.get("rope_theta", 0.0)),
                 rope_inv_freq=tuple(float(x) for x in d.get("rope_inv_freq", ())),
@@ -51,8 +51,12 @@ class ModelLayout:
                 fingerprint=str(d.get("fingerprint", "")), weights_digest=str(d.get("weights_digest", "")),
                 extra=dict(d.get("extra", {})),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError, AttributeError) as exc:
             raise ConfigError(f"invalid model layout: {exc}") from None
+        if not all(np.isfinite(out.rope_inv_freq)) or not (np.isfinite(out.rope_attention_scaling)
+                                                            and out.rope_attention_scaling > 0):
+            raise ConfigError("invalid model layout: RoPE parameters must be finite (and the scaling > 0)")
+        return out
 
     @property
     def has_rope(self) -> bool:

@@ -5,6 +5,7 @@ and *resealed* damage, where the checksums are recomputed after mutating a secti
 so the mutation reaches the parsers behind the checksums.
 """
 import functools
+import os
 import json
 
 import pytest
@@ -19,7 +20,7 @@ from seqkv.errors import DecodeError
 
 from conftest import tiny_cache
 
-FUZZ = settings(max_examples=150, deadline=5000, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(max_examples=int(os.environ.get("SEQKV_FUZZ_EXAMPLES", "150")), deadline=5000, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
 @functools.lru_cache(maxsize=None)
