@@ -51,6 +51,14 @@ class _Pipeline:
             if not hasattr(stage, role):
                 raise ConfigError(f"stage {stage.id!r} cannot be used where the pipeline needs {role}()")
 
+    def full_config(self) -> dict:
+        """The config with every stage option spelled out, as recorded in the container."""
+        out = dict(self.config, coder=self.coder.get_config())
+        if not self.lossless:
+            out["transforms"] = [t.get_config() for t in self.transforms]
+            out["quantizer"] = self.quantizer.get_config()
+        return out
+
     # -- one tensor [H, T, D] <-> section bytes ------------------------------------------
     def encode_tensor(self, x: torch.Tensor, ctx: TensorContext, dtype_name: str) -> bytes:
         if self.lossless:
@@ -173,7 +181,7 @@ def encode(cache, *, preset: str = "balanced", model=None, config=None, position
         sections.append(("positions", _le_bytes(pos.numpy())))
     header = {
         "created_by": f"seqkv {__version__}",
-        "pipeline": config_dict,
+        "pipeline": pipeline.full_config(),
         "model": layout.to_json(),
         "dtype": dtype_name,
         "batch": 1,

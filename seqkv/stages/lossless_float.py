@@ -22,7 +22,7 @@ of three ways:
 
 Every choice the encoder makes is written into the bytes, so decoding needs
 only ``(float_format, shape)``; the config only steers the encoder.  The byte
-layout is documented in docs/lossless_float.md.
+layout is documented in docs/format.md, section 8.
 """
 from __future__ import annotations
 
