@@ -189,10 +189,20 @@ def test_unsupported_cache_classes():
     layer.update(torch.zeros(1, 2, 3, 16), torch.zeros(1, 2, 3, 16))
     with pytest.raises(UnsupportedCacheError, match="sliding"):
         seqkv.encode(cache, preset="lossless")
-    try:
-        from transformers import QuantizedCache  # noqa: F401
-    except ImportError:
-        return
+    from transformers import QuantizedCache, StaticCache
+    from transformers.cache_utils import Fp8QuantizedLayer
+
+    static = StaticCache(config=tiny_model("llama").config, max_cache_len=8)
+    with pytest.raises(UnsupportedCacheError, match="StaticCache"):
+        seqkv.encode(static, preset="lossless")
+    # quantized caches need optional backends to fill; their classes alone must be refused
+    with pytest.raises(UnsupportedCacheError, match="QuantizedCache"):
+        seqkv.encode(object.__new__(QuantizedCache), preset="lossless")
+    mixed = DynamicCache()
+    mixed.update(torch.zeros(1, 2, 3, 16), torch.zeros(1, 2, 3, 16), 0)
+    mixed.layers.append(object.__new__(Fp8QuantizedLayer))
+    with pytest.raises(UnsupportedCacheError, match="Fp8QuantizedLayer"):
+        seqkv.encode(mixed, preset="lossless")
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
