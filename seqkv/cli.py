@@ -35,17 +35,17 @@ def _model():
 
 
 def _prefill_text(model, tokenizer, text: str, tokens: int, cache_dtype: str):
-    import torch
-
+    """Tokenize ``text`` and prefill its first ``tokens`` tokens; returns (ids, tokens used, cache in cache_dtype)."""
     from .hf_adapter import DTYPES_BY_NAME
     from .quality import clone_cache, prefill
 
+    if tokens < 2:
+        raise SeqKVError(f"--tokens must be at least 2, got {tokens}")
     ids = tokenizer(text, return_tensors="pt").input_ids
     if ids.shape[1] < tokens:
         print(f"note: the text has only {ids.shape[1]} tokens; using all of them", file=sys.stderr)
         tokens = ids.shape[1]
-    cache = prefill(model, ids, tokens)
-    return ids, tokens, clone_cache(cache, DTYPES_BY_NAME[cache_dtype]) if cache_dtype else cache, torch
+    return ids, tokens, clone_cache(prefill(model, ids, tokens), DTYPES_BY_NAME[cache_dtype])
 
 
 def cmd_demo(args) -> int:
@@ -53,13 +53,14 @@ def cmd_demo(args) -> int:
     from .generation import greedy_continue
     from .quality import clone_cache
 
+    import torch
+
     model, tokenizer = _model()
     text = _read_text(args.text)
     # the cache holds tokens [0, P-1); token P-1 is then fed at position P-1 to start generating
-    ids, n, _, torch = _prefill_text(model, tokenizer, text, args.tokens, None)
-    from .quality import prefill
-
-    cache = clone_cache(prefill(model, ids, n - 1), getattr(torch, args.cache_dtype))
+    n_text = len(tokenizer(text).input_ids)
+    ids, n, cache = _prefill_text(model, tokenizer, text, min(args.tokens, n_text) - 1, args.cache_dtype)
+    n += 1
     last = int(ids[0, n - 1])
     model_dtype = next(model.parameters()).dtype
     print(f"prefilled {n - 1} tokens of {args.text or 'bench/texts/psf_license.txt'}; cache dtype {args.cache_dtype}",
@@ -95,7 +96,7 @@ def cmd_encode(args) -> int:
     from . import codec
 
     model, tokenizer = _model()
-    _, n, cache, _ = _prefill_text(model, tokenizer, _read_text(args.text), args.tokens, args.cache_dtype)
+    _, n, cache = _prefill_text(model, tokenizer, _read_text(args.text), args.tokens, args.cache_dtype)
     options = {"step": args.step} if args.step is not None else {}
     blob = codec.encode(cache, preset=args.preset, model=model, progress=True, **options)
     _write_atomic(args.output, blob)
@@ -184,8 +185,27 @@ def cmd_eval(args) -> int:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
     if args.markdown:
+        import platform
+
+        import torch
+
+        from . import __version__
+
+        preamble = (
+            "# seqkv results\n\n"
+            f"Written by `seqkv {' '.join(sys.argv[1:])}` (seqkv {__version__}, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} torch threads, {platform.machine()}, {os.cpu_count()} CPUs).\n\n"
+            "Protocol (design notes §5): SmolLM2-135M-Instruct (the embedded GGUF, run in fp32 on the CPU); prefill "
+            f"P={args.prompt_len} tokens of the text; the cache is stored as {args.cache_dtype}; encode, decode, then "
+            f"teacher-force the next C={args.continuation_len} tokens with positions continuing at P, against the "
+            "uncompressed cache's run. Mean/p99 KL(p_ref || p_codec) over the C positions, top-1 agreement, and the "
+            "perplexity ratio exp(NLL_codec - NLL_ref). Ratio = raw fp16 bytes / every container byte; bits/elem = "
+            "container bits / (layers x 2 x kv_heads x head_dim x tokens). MB/s are MB of fp16 cache per second of "
+            "encode or decode (one run each, on a shared 2-core machine: see `bench/` for repeated, one-thread "
+            "timings). The baselines compress the same stored bytes in the same run.\n\n"
+        )
         with open(args.markdown, "w") as f:
-            f.write("\n\n".join(report) + "\n")
+            f.write(preamble + "\n\n".join(report) + "\n")
     return 0
 
 

@@ -1,0 +1,55 @@
+"""The command line: fast paths on golden files, and the model-driven commands on the embedded model (slow)."""
+import json
+import os
+
+import pytest
+from safetensors.torch import load_file
+
+import seqkv
+from seqkv.cli import main
+
+GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "v1_0_lossless_fp16.skv")
+
+
+def test_inspect_and_decode_golden(tmp_path, capsys):
+    assert main(["inspect", GOLDEN, "--sections"]) == 0
+    out = capsys.readouterr().out
+    assert "lossless" in out and "layer.1.values" in out
+    assert main(["inspect", GOLDEN, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["tokens"] == 12 and info["positions"]["next"] == 12
+    target = tmp_path / "out.safetensors"
+    assert main(["decode", GOLDEN, "-o", str(target)]) == 0
+    tensors = load_file(str(target))
+    with open(GOLDEN, "rb") as f:
+        cache = seqkv.decode(f.read())
+    assert tensors["layer.0.keys"].equal(cache.layers[0].keys)
+
+
+def test_errors_exit_2_with_a_message(tmp_path, capsys):
+    assert main(["inspect", str(tmp_path / "missing.skv")]) == 2
+    assert "cannot read" in capsys.readouterr().err
+    bad = tmp_path / "bad.skv"
+    with open(GOLDEN, "rb") as f:
+        bad.write_bytes(f.read()[:100])
+    assert main(["decode", str(bad), "-o", str(tmp_path / "x.safetensors")]) == 2
+    assert "truncated" in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_encode_inspect_decode_demo_eval(tmp_path, capsys):
+    skv = tmp_path / "c.skv"
+    assert main(["encode", "--tokens", "200", "--preset", "small", "-o", str(skv)]) == 0
+    assert seqkv.inspect(skv.read_bytes())["tokens"] == 200
+    assert main(["demo", "--tokens", "300", "--new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "| balanced |" in out and "identical greedy continuation: yes" in out
+    js = tmp_path / "r.json"
+    md = tmp_path / "r.md"
+    assert main(["eval", "--prompt-len", "256", "--continuation-len", "32", "--presets", "lossless", "small",
+                 "--json", str(js), "--markdown", str(md)]) == 0
+    rows = {r["name"]: r for r in json.loads(js.read_text())[0]["rows"]}
+    assert rows["lossless"]["mean_kl"] == 0.0 and rows["lossless"]["ratio"] > rows["shuffle+zstd-3"]["ratio"]
+    assert 0 < rows["small"]["mean_kl"] < 0.2 and rows["small"]["ratio"] > 4
+    assert "Protocol" in md.read_text()
