@@ -168,6 +168,16 @@ def cmd_inspect(args) -> int:
 def cmd_eval(args) -> int:
     from .evaluate import evaluate_text, format_table
 
+    configs = {}
+    for item in args.config or []:
+        name, sep, raw = item.partition("=")
+        try:
+            kwargs = json.loads(raw) if sep else None
+        except ValueError as exc:
+            raise SeqKVError(f"--config {item!r}: not JSON: {exc}") from None
+        if not name or not isinstance(kwargs, dict):
+            raise SeqKVError(f"--config needs NAME='{{\"preset\": ..., options}}', got {item!r}")
+        configs[name] = kwargs
     model, tokenizer = _model()
     texts = args.text or [None]
     out = []
@@ -175,7 +185,7 @@ def cmd_eval(args) -> int:
     for path in texts:
         rows = evaluate_text(model, tokenizer, _read_text(path), presets=args.presets, prompt_len=args.prompt_len,
                              continuation_len=args.continuation_len, cache_dtype=args.cache_dtype,
-                             repeat=args.repeat, progress=True)
+                             configs=configs, repeat=args.repeat, progress=True)
         title = f"{os.path.basename(path or DEFAULT_TEXT)} (P={args.prompt_len}, C={args.continuation_len}, {args.cache_dtype} cache)"
         table = format_table(rows, title)
         print(table + "\n", flush=True)
@@ -242,7 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("eval", help="ratio, KL, top-1, perplexity ratio and MB/s on real text, with baselines")
     v.add_argument("--text", action="append", help="text file (repeatable; default bench/texts/psf_license.txt)")
-    v.add_argument("--presets", nargs="+", default=list(PRESET_ORDER), choices=PRESET_ORDER)
+    v.add_argument("--presets", nargs="*", default=list(PRESET_ORDER), choices=PRESET_ORDER)
+    v.add_argument("--config", action="append", metavar="NAME=JSON",
+                   help='an extra row: encode() keywords as JSON, e.g. hadamard=\'{"preset": "balanced", "rotation": "hadamard"}\'')
     v.add_argument("--prompt-len", type=int, default=2048)
     v.add_argument("--continuation-len", type=int, default=256)
     v.add_argument("--cache-dtype", default="float16", choices=["float16", "bfloat16"])
