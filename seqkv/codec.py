@@ -36,7 +36,7 @@ class _Pipeline:
             raise ConfigError(f"invalid pipeline config: {config!r}")
         self.config = config
         self.lossless = config["mode"] == "lossless"
-        self.coder = stage_from_config(config.get("coder"))
+        self.coder = self._stage(config.get("coder"), "tensor_coder" if self.lossless else "symbol_coder")
         if self.lossless:
             return
         self.sink_tokens = config.get("sink_tokens", 0)
@@ -45,11 +45,15 @@ class _Pipeline:
         transforms = config.get("transforms", [])
         if not isinstance(transforms, list):
             raise ConfigError("pipeline 'transforms' must be a list")
-        self.transforms = [stage_from_config(t) for t in transforms]
-        self.quantizer = stage_from_config(config.get("quantizer"))
-        for stage, role in [(self.coder, "encode"), (self.quantizer, "quantize")] + [(t, "forward") for t in self.transforms]:
-            if not hasattr(stage, role):
-                raise ConfigError(f"stage {stage.id!r} cannot be used where the pipeline needs {role}()")
+        self.transforms = [self._stage(t, "transform") for t in transforms]
+        self.quantizer = self._stage(config.get("quantizer"), "quantizer")
+
+    @staticmethod
+    def _stage(config, role: str):
+        stage = stage_from_config(config)
+        if stage.role != role:
+            raise ConfigError(f"stage {stage.id!r} is a {stage.role}; this place in the pipeline needs a {role}")
+        return stage
 
     def full_config(self) -> dict:
         """The config with every stage option spelled out, as recorded in the container."""
@@ -262,7 +266,7 @@ class _Parsed:
                 out.append(self.pipeline.decode_tensor(payload, ctx, self.dtype, (self.heads, self.tokens, self.dim)))
             except SeqKVError:
                 raise
-            except (ValueError, IndexError, RuntimeError, OverflowError, MemoryError) as exc:
+            except (ValueError, TypeError, IndexError, RuntimeError, OverflowError, MemoryError) as exc:
                 raise FormatError(f"{section_name(i, kind)}: cannot decode: {exc}") from None
         return tuple(out)
 

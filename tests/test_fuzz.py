@@ -157,3 +157,14 @@ def test_unknown_stage_and_future_major_version():
     blob[8] = 2
     with pytest.raises(seqkv.UnsupportedVersionError):
         seqkv.decode(bytes(blob))
+
+
+def test_stage_in_the_wrong_place_is_refused():
+    header, sections = split(sample("balanced"))
+    header["pipeline"]["coder"] = {"id": "lossless_float"}
+    with pytest.raises(DecodeError, match="needs a symbol_coder"):
+        seqkv.decode(reseal(header, sections))
+    header["pipeline"]["coder"] = {"id": "context_ans"}
+    header["pipeline"]["transforms"] = [{"id": "uniform"}]
+    with pytest.raises(DecodeError, match="needs a transform"):
+        seqkv.decode(reseal(header, sections))

@@ -51,6 +51,9 @@ class Stage:
     """Base class: configs in and out, validated strictly."""
 
     id: ClassVar[str] = ""
+    # where the stage fits in a pipeline: "transform" (tensor <-> tensor), "quantizer" (tensor <-> ints
+    # + side info), "symbol_coder" (ints <-> bytes) or "tensor_coder" (raw float bits <-> bytes, lossless)
+    role: ClassVar[str] = ""
     params: ClassVar[dict] = {}  # name -> (type, default)
 
     def __init__(self, **kwargs):

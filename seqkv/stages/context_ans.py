@@ -37,6 +37,7 @@ def _shift_for(symbols: np.ndarray) -> int:
 @register
 class ContextANS(Stage):
     id = "context_ans"
+    role = "symbol_coder"
     params = {"classes_per_octave": (int, 4)}
 
     def validate(self) -> None:

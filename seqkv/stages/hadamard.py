@@ -31,6 +31,7 @@ def _rotation(dim: int, seed: int) -> torch.Tensor:
 @register
 class HadamardRotation(Stage):
     id = "hadamard"
+    role = "transform"
     params = {"seed": (int, 0)}
 
     def forward(self, x: torch.Tensor, ctx: TensorContext) -> torch.Tensor:

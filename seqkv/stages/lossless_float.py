@@ -338,6 +338,7 @@ class LosslessFloatCoder(Stage):
     """Bit-exact coder of float16 / bfloat16 / float32 bit patterns [kv_heads, tokens, head_dim]."""
 
     id = "lossless_float"
+    role = "tensor_coder"
     params = {
         "mantissa_bits": (int, 2),       # top mantissa bits that are entropy-coded (the rest is raw)
         "max_classes": (int, 8),         # upper bound on channel classes (the encoder picks <=)

@@ -37,6 +37,7 @@ def lloyd_max_levels(bits: int) -> np.ndarray:
 @register
 class LloydMaxQuantizer(Stage):
     id = "lloydmax"
+    role = "quantizer"
     params = {"bits": (int, 4)}
 
     def validate(self) -> None:

@@ -20,6 +20,7 @@ from .base import Stage, TensorContext, register
 @register
 class UniformQuantizer(Stage):
     id = "uniform"
+    role = "quantizer"
     params = {
         "step": (float, 0.25),              # step / RMS of the tensor
         "key_step_scale": (float, 1.0),     # extra factor on the keys' step

@@ -60,6 +60,7 @@ class PreRope(Stage):
     """Transform stage: keys to pre-RoPE on encode, RoPE re-applied on decode. Values pass through."""
 
     id = "prerope"
+    role = "transform"
     params = {}
 
     def _args(self, ctx: TensorContext):
