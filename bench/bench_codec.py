@@ -65,3 +65,20 @@ def test_decode(benchmark, blobs, fp16_bytes, preset):
     benchmark.pedantic(seqkv.decode, args=(blobs[preset],), rounds=5, iterations=1)
     _record(benchmark, f"decode_{preset}", fp16_bytes.size, len(blobs[preset]), fp16_bytes.size // 2)
     benchmark.extra_info["preset"] = preset
+
+
+def test_prefill_baseline(benchmark, real_model, fp16_bytes):
+    """What decoding saves: re-running prefill of the same 2048 tokens (one thread, like the codec rows)."""
+    import os
+
+    from conftest import BENCH_TEXT, TEXTS
+    from seqkv.quality import prefill
+
+    model, tok = real_model
+    with open(os.path.join(TEXTS, BENCH_TEXT), encoding="utf-8") as f:
+        ids = tok(f.read(), return_tensors="pt").input_ids
+    benchmark.pedantic(prefill, args=(model, ids, 2048), rounds=2, iterations=1)
+    secs = benchmark.stats.stats.median
+    benchmark.extra_info["mb_per_s_fp16"] = fp16_bytes.size / secs / 1e6
+    if "decode_balanced" in _SECONDS:
+        benchmark.extra_info["balanced_decode_speedup_vs_prefill"] = secs / _SECONDS["decode_balanced"]
