@@ -68,7 +68,7 @@ def cmd_demo(args) -> int:
     reference = greedy_continue(model, clone_cache(cache, model_dtype), last, n - 1, args.new_tokens)
     raw = sum(layer.keys.numel() * 2 * 2 for layer in cache.layers)
     print(f"\nreference continuation: {tokenizer.decode(reference)!r}\n")
-    print(f"| preset | bytes | ratio vs fp16 | bits/elem | encode ms | decode ms | greedy tokens identical |")
+    print("| preset | bytes | ratio vs fp16 | bits/elem | encode ms | decode ms | greedy tokens identical |")
     print("|---|---|---|---|---|---|---|")
     print(f"| (fp16 raw) | {raw} | 1.00x | 16.000 | – | – | {args.new_tokens}/{args.new_tokens} |")
     ok = True

@@ -6,7 +6,7 @@ import torch
 
 from . import __version__
 from .container import Container, write_container
-from .errors import ConfigError, DecodeError, EncodeError, FormatError, ModelMismatchError, SeqKVError
+from .errors import ConfigError, FormatError, ModelMismatchError, SeqKVError
 from .hf_adapter import DTYPES_BY_NAME, SUPPORTED_DTYPES, build_cache, cache_layers
 from .layout import ModelLayout, layout_from_model
 from .presets import pipeline_config

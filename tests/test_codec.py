@@ -182,7 +182,7 @@ def test_unsupported_cache_classes():
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicSlidingWindowLayer
 
-    model = tiny_model("mistral")
+    tiny_model("mistral")  # the family whose configs may carry a sliding window
     cache = DynamicCache()
     layer = DynamicSlidingWindowLayer(sliding_window=4)
     cache.layers.append(layer)
