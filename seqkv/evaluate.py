@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 
 from . import codec
@@ -64,19 +65,21 @@ def evaluate_text(model, tokenizer, text: str, presets=("lossless", "near_lossle
     raw = cache_bits(layers)
     itemsize = layers[0][0].element_size()
     for name, fwd, inv in [
-        ("zstd-3", lambda: zstd_compress(raw), lambda b: zstd_decompress(b)),
+        ("zstd-3", lambda: zstd_compress(raw), lambda b: np.frombuffer(zstd_decompress(b), dtype=np.uint8)),
         ("shuffle+zstd-3", lambda: zstd_compress(shuffle_bytes(raw, itemsize)),
-         lambda b: unshuffle_bytes(torch.frombuffer(bytearray(zstd_decompress(b)), dtype=torch.uint8).numpy(), itemsize)),
+         lambda b: unshuffle_bytes(np.frombuffer(zstd_decompress(b), dtype=np.uint8), itemsize)),
     ]:
         blob, t_enc = _timed(fwd, repeat)
-        _, t_dec = _timed(lambda: inv(blob), repeat)
+        back, t_dec = _timed(lambda: inv(blob), repeat)  # noqa: B023 (called at once)
+        if not np.array_equal(back, raw):
+            raise RuntimeError(f"baseline {name} did not round-trip")
         rows.append(EvalRow(name, len(blob), raw_fp16 / len(blob), 8 * len(blob) / elements, 0.0, 0.0, 1.0, 1.0,
                             mb / t_enc, mb / t_dec))
 
     jobs = [(p, {"preset": p}) for p in presets] + list((configs or {}).items())
     for name, kwargs in progress_bar(jobs, desc="eval", enabled=progress):
-        blob, t_enc = _timed(lambda: codec.encode(probe.cache, model=model, **kwargs), repeat)
-        decoded, t_dec = _timed(lambda: codec.decode(blob), repeat)
+        blob, t_enc = _timed(lambda: codec.encode(probe.cache, model=model, **kwargs), repeat)  # noqa: B023
+        decoded, t_dec = _timed(lambda: codec.decode(blob), repeat)  # noqa: B023
         q = probe.score(decoded, next_position=codec.inspect(blob)["positions"]["next"])
         rows.append(EvalRow(name, len(blob), raw_fp16 / len(blob), 8 * len(blob) / elements, q.mean_kl, q.p99_kl,
                             q.top1_agreement, q.ppl_ratio, mb / t_enc, mb / t_dec))
