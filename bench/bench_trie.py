@@ -15,8 +15,11 @@ are recorded in ``extra_info``.
   (short matches).
 
 Each side gets its natural, pre-converted input (TokenTrie: int32 numpy rows; the Python
-trie: lists of ints).  ``extra_info`` holds tokens/s, sequences or lookups per second,
-nodes, bytes per node and ``speedup_vs_python`` (against the baseline of the same run).
+trie: lists of ints); ``test_trie_lookup_from_lists`` gives TokenTrie the lists too.
+``extra_info`` holds tokens/s (inserts) or matched tokens/s (lookups), sequences or
+lookups per second, nodes, bytes per node (TokenTrie: ``nbytes``, allocated capacity
+included; Python: ``sys.getsizeof`` of its lists and dicts) and ``speedup_vs_python``
+(against the baseline measured in the same run, which runs first).
 """
 from __future__ import annotations
 
@@ -154,11 +157,11 @@ def _lookup_all(trie, queries):
     return sum(lp(q) for q in queries)
 
 
-def _record(benchmark, key, tokens, items, item_name):
+def _record(benchmark, key, tokens, items, item_name, token_name="tokens"):
     secs = benchmark.stats.stats.median
     _SECONDS[key] = secs
     info = benchmark.extra_info
-    info["tokens_per_s"] = tokens / secs
+    info[f"{token_name}_per_s"] = tokens / secs
     info[f"{item_name}_per_s"] = items / secs
     base = "py_" + key.split("_", 1)[1]
     if not key.startswith("py_") and base in _SECONDS:
@@ -192,14 +195,14 @@ def test_trie_insert(benchmark, corpus):
 def test_py_lookup(benchmark, corpus, queries):
     trie = _build_py(corpus[1])
     matched = benchmark.pedantic(_lookup_all, args=(trie, queries[1]), rounds=5, iterations=1)
-    _record(benchmark, "py_lookup", matched, N_QUERIES, "lookups")
+    _record(benchmark, "py_lookup", matched, N_QUERIES, "lookups", "matched_tokens")
     benchmark.extra_info["matched_tokens"] = matched
 
 
 def test_trie_lookup(benchmark, corpus, queries):
     trie = _build_c(corpus[0])
     matched = benchmark.pedantic(_lookup_all, args=(trie, queries[0]), rounds=10, iterations=1)
-    _record(benchmark, "c_lookup", matched, N_QUERIES, "lookups")
+    _record(benchmark, "c_lookup", matched, N_QUERIES, "lookups", "matched_tokens")
     benchmark.extra_info["matched_tokens"] = matched
     assert matched == _lookup_all(_build_py(corpus[1]), queries[1])
 
@@ -208,6 +211,6 @@ def test_trie_lookup_from_lists(benchmark, corpus, queries):
     """The same lookups given Python lists (includes the list -> int32 array conversion)."""
     trie = _build_c(corpus[0])
     matched = benchmark.pedantic(_lookup_all, args=(trie, queries[1]), rounds=5, iterations=1)
-    _record(benchmark, "c_lookup_lists", matched, N_QUERIES, "lookups")
+    _record(benchmark, "c_lookup_lists", matched, N_QUERIES, "lookups", "matched_tokens")
     if "py_lookup" in _SECONDS:
         benchmark.extra_info["speedup_vs_python"] = _SECONDS["py_lookup"] / benchmark.stats.stats.median

@@ -3,12 +3,14 @@
 * :mod:`seqkv_ext.ans` - fast decoder for constriction ``AnsCoder`` streams with
   static integer-frequency tables;
 * :mod:`seqkv_ext.crc32c` - CRC-32C (Castagnoli), slicing-by-8;
-* :mod:`seqkv_ext.bitpack` - dense LSB-first packing of the low bits of integers.
+* :mod:`seqkv_ext.bitpack` - dense LSB-first packing of the low bits of integers;
+* :mod:`seqkv_ext.trie` - ``TokenTrie``, a compact counting token trie with a
+  PPM-style next-token distribution and a checksummed binary format.
 
 This package does not depend on ``seqkv``; ``seqkv`` falls back to pure Python /
 constriction when it is not built.
 """
-from . import ans, bitpack, crc32c
+from . import ans, bitpack, crc32c, trie
 
-__all__ = ["ans", "bitpack", "crc32c"]
+__all__ = ["ans", "bitpack", "crc32c", "trie"]
 __version__ = "0.1.0"
