@@ -164,3 +164,14 @@ def test_registry_builds_every_stage_from_its_config():
     for bad in [None, {}, {"id": 3}, {"id": "nope"}, {"id": "uniform", "step": -1}]:
         with pytest.raises(ConfigError):
             stage_from_config(bad)
+
+
+def test_rope_angles_follow_position_content_not_identity():
+    x = tensor((1, 4, 8), 3)
+    inv = torch.tensor(layout_for(8).inv_freq_array())
+    from seqkv.stages.rope import apply_rope
+
+    a = apply_rope(x, torch.tensor([0, 1, 2, 9]), inv, 1.0)
+    b = apply_rope(x, torch.tensor([0, 5, 6, 9]), inv, 1.0)  # same count and endpoints, other middle
+    assert not torch.allclose(a[:, 1:3], b[:, 1:3])
+    assert torch.allclose(a[:, [0, 3]], b[:, [0, 3]])

@@ -7,6 +7,8 @@ in the container, so decoding needs no model.
 """
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 
@@ -16,8 +18,9 @@ _ANGLE_CACHE: dict = {}
 def _cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor):
     """cos and sin of every (position, frequency) angle, [tokens, head_dim/2]; memoised per call pattern,
     because every layer of a cache uses the same positions."""
-    key = (positions.data_ptr(), positions.numel(), int(positions[0]) if positions.numel() else 0,
-           int(positions[-1]) if positions.numel() else 0, tuple(inv_freq.tolist()))
+    # keyed by content, never by address: a freed tensor's memory may hold other positions later
+    key = (hashlib.blake2b(positions.to(torch.int64).numpy().tobytes(), digest_size=16).digest(),
+           inv_freq.to(torch.float32).numpy().tobytes())
     hit = _ANGLE_CACHE.get(key)
     if hit is None:
         angles = positions.to(torch.float32)[:, None] * inv_freq.to(torch.float32)[None, :]
