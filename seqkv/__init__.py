@@ -12,9 +12,10 @@ from .evaluate import EvalRow, evaluate_text  # noqa: E402
 from .layout import ModelLayout, layout_from_model  # noqa: E402
 from .quality import QualityProbe, QualityReport  # noqa: E402
 from .presets import PRESETS  # noqa: E402
+from .store import PrefixStore  # noqa: E402
 
 __all__ = [
-    "encode", "decode", "inspect", "evaluate_text", "EvalRow", "QualityProbe", "QualityReport", "PRESETS", "ModelLayout", "layout_from_model",
+    "encode", "decode", "inspect", "PrefixStore", "evaluate_text", "EvalRow", "QualityProbe", "QualityReport", "PRESETS", "ModelLayout", "layout_from_model",
     "SeqKVError", "ConfigError", "EncodeError", "UnsupportedCacheError", "NonFiniteError", "DecodeError",
     "FormatError", "UnsupportedVersionError", "ChecksumError", "ModelMismatchError", "StorageError",
 ]

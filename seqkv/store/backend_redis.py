@@ -1,0 +1,117 @@
+"""Redis backend (``redis://host:port/db``): entries are string keys, last use a sorted set.
+
+A write is one Lua script (atomic on the server): ``SET key data NX`` and, when it was set, ``ZADD`` of
+its last-use time, so that no two writers ever both create an entry.  Needs the ``redis`` package.
+"""
+from __future__ import annotations
+
+import re
+import time
+from urllib.parse import urlparse
+
+from ..errors import StorageError
+from .prefix_store import Backend
+
+_KEY_RE = re.compile(r"^[0-9a-f]{64}$")
+_PUT_SCRIPT = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX') then
+  redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
+  return 1
+end
+return 0
+"""
+
+
+class RedisBackend(Backend):
+    name = "redis"
+
+    def __init__(self, url: str, *, key_prefix: str = "seqkv:", socket_timeout: float = 10.0, **options):
+        try:
+            import redis
+        except ImportError as exc:
+            raise StorageError("the redis backend needs the 'redis' package (pip install redis)") from exc
+        self._redis_errors = (redis.RedisError, OSError)
+        parsed = urlparse(url)
+        if parsed.scheme not in ("redis", "rediss"):
+            raise StorageError(f"not a redis URL: {url!r}")
+        self.prefix = key_prefix
+        try:
+            self.client = redis.Redis.from_url(url, socket_timeout=socket_timeout, **options)
+            self.client.ping()
+            self._put = self.client.register_script(_PUT_SCRIPT)
+        except self._redis_errors as exc:
+            raise StorageError(f"cannot connect to redis at {parsed.hostname}:{parsed.port}: {exc}") from exc
+        self.lru_key = f"{self.prefix}lru"
+
+    def _k(self, key: str) -> str:
+        if not _KEY_RE.match(key):
+            raise StorageError(f"invalid entry key {key!r}")
+        return f"{self.prefix}e:{key}"
+
+    def _call(self, what: str, fn, *args, **kw):
+        try:
+            return fn(*args, **kw)
+        except self._redis_errors as exc:
+            raise StorageError(f"redis {what} failed: {exc}") from exc
+
+    def get(self, key: str):
+        return self._call("GET", self.client.get, self._k(key))
+
+    def exists(self, key: str) -> bool:
+        return bool(self._call("EXISTS", self.client.exists, self._k(key)))
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        res = self._call("SET NX", self._put, keys=[self._k(key), self.lru_key], args=[data, repr(time.time()), key])
+        return bool(res)
+
+    def delete(self, key: str) -> bool:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.delete(self._k(key))
+        pipe.zrem(self.lru_key, key)
+        res = self._call("DEL", pipe.execute)
+        return bool(res[0])
+
+    def touch(self, key: str, when: float) -> None:
+        # XX: only entries that exist (a concurrent eviction must not leave a dangling LRU record)
+        if self.exists(key):
+            self._call("ZADD", self.client.zadd, self.lru_key, {key: when})
+
+    def list(self):
+        out = []
+        pattern = f"{self.prefix}e:*"
+        names = [n.decode() if isinstance(n, bytes) else n for n in self._call("SCAN", lambda: list(self.client.scan_iter(match=pattern, count=1000)))]
+        if not names:
+            return out
+        pipe = self.client.pipeline(transaction=False)
+        for n in names:
+            pipe.strlen(n)
+            pipe.zscore(self.lru_key, n[len(self.prefix) + 2:])
+        res = self._call("STRLEN", pipe.execute)
+        for i, n in enumerate(names):
+            size, score = res[2 * i], res[2 * i + 1]
+            if size:
+                out.append((n[len(self.prefix) + 2:], int(size), float(score) if score is not None else 0.0))
+        return out
+
+    def quarantine(self, key: str) -> str:
+        dest = f"{self.prefix}quarantine:{key}:{time.time_ns()}"
+        pipe = self.client.pipeline(transaction=True)
+        pipe.renamenx(self._k(key), dest)
+        pipe.zrem(self.lru_key, key)
+        try:
+            pipe.execute()
+        except self._redis_errors as exc:
+            if "no such key" in str(exc).lower():
+                return ""
+            raise StorageError(f"cannot quarantine entry {key}: {exc}") from exc
+        return dest
+
+    def quarantined(self) -> list[str]:
+        return sorted(n.decode() if isinstance(n, bytes) else n
+                      for n in self.client.scan_iter(match=f"{self.prefix}quarantine:*"))
+
+    def close(self) -> None:
+        try:
+            self.client.close()
+        except self._redis_errors:
+            pass
