@@ -1,4 +1,4 @@
-"""The `seqkv` command line: demo, encode, decode, inspect, eval."""
+"""The `seqkv` command line: demo, encode, decode, inspect, eval, store."""
 from __future__ import annotations
 
 import argparse
@@ -219,6 +219,129 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _backend_options(items) -> dict:
+    options = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise SeqKVError(f"--backend-option needs NAME=VALUE, got {item!r}")
+        options[name] = value
+    return options
+
+
+def _open_store(args, model=None):
+    from .store import PrefixStore
+
+    kw = {}
+    if hasattr(args, "preset"):
+        kw["preset"] = args.preset
+    if hasattr(args, "chunk_tokens"):
+        kw["chunk_tokens"] = args.chunk_tokens
+    return PrefixStore(args.url, model=model, **kw, **_backend_options(args.backend_option))
+
+
+def _check_store_args(args) -> None:
+    """Fail before the (slow) model load on arguments that cannot work."""
+    if args.chunk_tokens < 1:
+        raise SeqKVError(f"--chunk-tokens must be at least 1, got {args.chunk_tokens}")
+    if args.tokens < 1:
+        raise SeqKVError(f"--tokens must be at least 1, got {args.tokens}")
+    _backend_options(args.backend_option)
+
+
+def cmd_store_put(args) -> int:
+    _check_store_args(args)
+    text = _read_text(args.text)
+    model, tokenizer = _model()
+    ids, n, cache = _prefill_text(model, tokenizer, text, args.tokens, args.cache_dtype)
+    with _open_store(args, model) as store:
+        t0 = time.perf_counter()
+        out = store.put(ids[0, :n].tolist(), cache)
+        seconds = time.perf_counter() - t0
+    print(f"stored {n} tokens in {out['chunks']} chunks of {args.chunk_tokens} ({args.preset}, {args.cache_dtype} "
+          f"cache): {out['chunks_written']} written ({out['bytes_written']} bytes), {out['chunks_reused']} already "
+          f"stored ({out['bytes_reused']} bytes), {seconds:.2f} s")
+    return 0
+
+
+def cmd_store_get(args) -> int:
+    _check_store_args(args)
+    text = _read_text(args.text)
+    model, tokenizer = _model()
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    total = min(args.tokens, ids.shape[1])
+    with _open_store(args, model) as store:
+        n, cache = store.longest_prefix(ids[0, :total].tolist())
+        fingerprint = store.fingerprint
+    print(f"{n} of {total} leading tokens are stored")
+    if args.output:
+        if cache is None:
+            raise SeqKVError(f"no prefix of the text is stored in {args.url}; nothing to write to {args.output}")
+        from safetensors.torch import save_file
+
+        tensors = {}
+        for i, layer in enumerate(cache.layers):
+            tensors[f"layer.{i}.keys"] = layer.keys.contiguous()
+            tensors[f"layer.{i}.values"] = layer.values.contiguous()
+        meta = {"next_position": str(n), "start_position": "0", "model_fingerprint": fingerprint}
+        tmp = f"{args.output}.tmp-{os.getpid()}"
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, args.output)
+        print(f"wrote {args.output}: {len(tensors)} tensors, next position {n}")
+    return 0
+
+
+def cmd_store_stats(args) -> int:
+    with _open_store(args) as store:
+        print(json.dumps(store.stats(), indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_store_gc(args) -> int:
+    if args.max_bytes < 0:
+        raise SeqKVError(f"--max-bytes must be non-negative, got {args.max_bytes}")
+    with _open_store(args) as store:
+        print(json.dumps(store.gc(max_bytes=args.max_bytes), indent=2, sort_keys=True))
+    return 0
+
+
+def _add_store_parser(sub) -> None:
+    st = sub.add_parser("store", help="a prefix store of compressed caches (file://, redis://, s3://)")
+    ssub = st.add_subparsers(dest="store_command", required=True)
+
+    def common(q, *, model: bool):
+        q.add_argument("url", help="file:///path, redis://host:port/db or s3://bucket/prefix")
+        q.add_argument("--backend-option", action="append", metavar="NAME=VALUE",
+                       help="backend option (repeatable), e.g. key_prefix=... (redis) or endpoint_url=... (s3)")
+        if model:
+            q.add_argument("--text", help="text file (default: bench/texts/psf_license.txt)")
+            q.add_argument("--tokens", type=int, default=2048, help="leading tokens of the text (default 2048)")
+            q.add_argument("--preset", default="lossless", choices=PRESET_ORDER,
+                           help="the store's preset (part of every key; default lossless)")
+            q.add_argument("--chunk-tokens", type=int, default=256,
+                           help="tokens per stored chunk (part of every key; default 256)")
+
+    sp = ssub.add_parser("put", help="prefill a text with the embedded model and store its cache")
+    common(sp, model=True)
+    sp.add_argument("--cache-dtype", default="float32", choices=["float16", "bfloat16", "float32"],
+                    help="stored cache dtype (default float32, the model's: what cached_generate reuses losslessly)")
+    sp.set_defaults(func=cmd_store_put)
+
+    sg = ssub.add_parser("get", help="how many leading tokens of a text are stored; -o writes them as .safetensors")
+    common(sg, model=True)
+    sg.add_argument("-o", "--output", help="write the stored prefix's keys/values here (like `seqkv decode`)")
+    sg.set_defaults(func=cmd_store_get)
+
+    ss = ssub.add_parser("stats", help="entries, bytes and counters of a store, as JSON")
+    common(ss, model=False)
+    ss.set_defaults(func=cmd_store_stats)
+
+    sc = ssub.add_parser("gc", help="evict least-recently-used entries down to --max-bytes")
+    common(sc, model=False)
+    sc.add_argument("--max-bytes", type=int, required=True)
+    sc.set_defaults(func=cmd_store_gc)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="seqkv", description="Compress transformer KV caches.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -262,6 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--json", help="also write the rows as JSON here")
     v.add_argument("--markdown", help="also write the tables as markdown here")
     v.set_defaults(func=cmd_eval)
+
+    _add_store_parser(sub)
     return p
 
 
