@@ -122,24 +122,29 @@ def _read_bytes(path: str) -> bytes:
 
 
 def cmd_decode(args) -> int:
-    from safetensors.torch import save_file
 
     from . import codec
 
     data = _read_bytes(args.input)
     cache = codec.decode(data, progress=True)
     info = codec.inspect(data)
+    _save_cache(cache, args.output, info["positions"]["start"], info["positions"]["next"], info["model"]["fingerprint"])
+    return 0
+
+
+def _save_cache(cache, path: str, start: int, next_position: int, fingerprint: str) -> None:
+    """Write per-layer keys/values to a .safetensors file atomically (temporary name, then rename)."""
+    from safetensors.torch import save_file
+
     tensors = {}
     for i, layer in enumerate(cache.layers):
         tensors[f"layer.{i}.keys"] = layer.keys.contiguous()
         tensors[f"layer.{i}.values"] = layer.values.contiguous()
-    meta = {"next_position": str(info["positions"]["next"]), "start_position": str(info["positions"]["start"]),
-            "model_fingerprint": info["model"]["fingerprint"]}
-    tmp = f"{args.output}.tmp-{os.getpid()}"
+    meta = {"next_position": str(next_position), "start_position": str(start), "model_fingerprint": fingerprint}
+    tmp = f"{path}.tmp-{os.getpid()}"
     save_file(tensors, tmp, metadata=meta)
-    os.replace(tmp, args.output)
-    print(f"wrote {args.output}: {len(tensors)} tensors, next position {info['positions']['next']}")
-    return 0
+    os.replace(tmp, path)
+    print(f"wrote {path}: {len(tensors)} tensors, next position {next_position}")
 
 
 def cmd_inspect(args) -> int:
@@ -277,17 +282,7 @@ def cmd_store_get(args) -> int:
     if args.output:
         if cache is None:
             raise SeqKVError(f"no prefix of the text is stored in {args.url}; nothing to write to {args.output}")
-        from safetensors.torch import save_file
-
-        tensors = {}
-        for i, layer in enumerate(cache.layers):
-            tensors[f"layer.{i}.keys"] = layer.keys.contiguous()
-            tensors[f"layer.{i}.values"] = layer.values.contiguous()
-        meta = {"next_position": str(n), "start_position": "0", "model_fingerprint": fingerprint}
-        tmp = f"{args.output}.tmp-{os.getpid()}"
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, args.output)
-        print(f"wrote {args.output}: {len(tensors)} tensors, next position {n}")
+        _save_cache(cache, args.output, 0, n, fingerprint)
     return 0
 
 
