@@ -67,6 +67,7 @@ def cached_generate(model, token_ids, store, *, max_new_tokens: int, put: bool =
     from transformers import DynamicCache
 
     from .hf_adapter import SUPPORTED_DTYPES
+    from .quality import clone_cache
 
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
         raise ConfigError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
@@ -84,9 +85,7 @@ def cached_generate(model, token_ids, store, *, max_new_tokens: int, put: bool =
     t0 = time.perf_counter()
     n, cache = store.longest_prefix(ids, device=device)
     if cache is not None and any(layer.keys.dtype != model_dtype for layer in cache.layers):
-        for layer in cache.layers:  # a prefix stored in another dtype (e.g. fp16): run it in the model's
-            layer.keys = layer.keys.to(model_dtype)
-            layer.values = layer.values.to(model_dtype)
+        cache = clone_cache(cache, model_dtype)  # a prefix stored in another dtype (e.g. fp16): run it in the model's
     load_seconds = time.perf_counter() - t0
     reused_stored = n
     # always feed at least the last prompt token (generate needs logits of it)
