@@ -67,6 +67,35 @@ def test_decode(benchmark, blobs, fp16_bytes, preset):
     benchmark.extra_info["preset"] = preset
 
 
+CALIBRATED_TARGETS = [0.01, 0.001]
+
+
+@pytest.fixture(scope="module")
+def calibrated_blobs(real_cache, real_profile):
+    return {t: seqkv.encode(real_cache, profile=real_profile, target_kl=t) for t in CALIBRATED_TARGETS}
+
+
+@pytest.mark.parametrize("target", CALIBRATED_TARGETS)
+def test_encode_calibrated(benchmark, real_cache, real_profile, fp16_bytes, target):
+    """The calibrated codec incl. rate control to target_kl; compare with encode[balanced] of the same run."""
+    blob = benchmark.pedantic(seqkv.encode, args=(real_cache,), kwargs={"profile": real_profile, "target_kl": target},
+                              rounds=3, iterations=1)
+    _record(benchmark, f"encode_calibrated_{target}", fp16_bytes.size, len(blob), fp16_bytes.size // 2)
+    benchmark.extra_info["target_kl"] = target
+    if "encode_balanced" in _SECONDS:
+        benchmark.extra_info["speed_vs_balanced"] = _SECONDS["encode_balanced"] / _SECONDS[f"encode_calibrated_{target}"]
+
+
+@pytest.mark.parametrize("target", CALIBRATED_TARGETS)
+def test_decode_calibrated(benchmark, calibrated_blobs, real_profile, fp16_bytes, target):
+    blob = calibrated_blobs[target]
+    benchmark.pedantic(seqkv.decode, args=(blob,), kwargs={"profile": real_profile}, rounds=5, iterations=1)
+    _record(benchmark, f"decode_calibrated_{target}", fp16_bytes.size, len(blob), fp16_bytes.size // 2)
+    benchmark.extra_info["target_kl"] = target
+    if "decode_balanced" in _SECONDS:
+        benchmark.extra_info["speed_vs_balanced"] = _SECONDS["decode_balanced"] / _SECONDS[f"decode_calibrated_{target}"]
+
+
 def test_prefill_baseline(benchmark, real_model, fp16_bytes):
     """What decoding saves: re-running prefill of the same 2048 tokens (one thread, like the codec rows)."""
     import os

@@ -9,7 +9,9 @@ import time
 
 from .errors import SeqKVError
 
-DEFAULT_TEXT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "texts", "psf_license.txt")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_TEXT = os.path.join(REPO, "bench", "texts", "psf_license.txt")
+CALIBRATION_DIR = os.path.join(REPO, "bench", "calibration")
 PRESET_ORDER = ("lossless", "near_lossless", "balanced", "small")
 
 
@@ -97,13 +99,37 @@ def cmd_encode(args) -> int:
 
     model, tokenizer = _model()
     _, n, cache = _prefill_text(model, tokenizer, _read_text(args.text), args.tokens, args.cache_dtype)
-    options = {"step": args.step} if args.step is not None else {}
-    blob = codec.encode(cache, preset=args.preset, model=model, progress=True, **options)
+    blob = codec.encode(cache, model=model, progress=True, **_encode_options(args))
     _write_atomic(args.output, blob)
     info = codec.inspect(blob)
     print(f"wrote {args.output}: {len(blob)} bytes, {n} tokens, ratio {info['ratio_vs_fp16']:.2f}x vs fp16, "
           f"{info['bits_per_element']:.3f} bits/element")
     return 0
+
+
+def _encode_options(args) -> dict:
+    """encode() keywords from --preset/--step or --profile with one rate target."""
+    targets = {k: v for k, v in [("target_kl", args.target_kl), ("bits_per_element", args.bits_per_element),
+                                 ("max_bytes", args.max_bytes)] if v is not None}
+    if args.profile is None:
+        if targets:
+            raise SeqKVError("--target-kl / --bits-per-element / --max-bytes need --profile")
+        options = {"preset": args.preset or "balanced"}
+        if args.step is not None:
+            options["step"] = args.step
+        return options
+    if args.preset is not None or args.step is not None:
+        raise SeqKVError("--profile selects the calibrated codec: leave out --preset and --step")
+    return {"profile": _load_profile(args.profile), **targets}
+
+
+def _add_encode_options(parser) -> None:
+    parser.add_argument("--preset", choices=PRESET_ORDER, help="codec preset without a profile (default balanced)")
+    parser.add_argument("--step", type=float, help="quality knob: quantizer step relative to RMS (lossy presets)")
+    parser.add_argument("--profile", help="a calibrated model profile (seqkv calibrate): the calibrated codec")
+    parser.add_argument("--target-kl", type=float, help="with --profile: predicted mean KL to meet (default 0.01)")
+    parser.add_argument("--bits-per-element", type=float, help="with --profile: the rate to meet instead")
+    parser.add_argument("--max-bytes", type=int, help="with --profile: a byte budget the container never exceeds")
 
 
 def _write_atomic(path: str, data: bytes) -> None:
@@ -126,7 +152,7 @@ def cmd_decode(args) -> int:
     from . import codec
 
     data = _read_bytes(args.input)
-    cache = codec.decode(data, progress=True)
+    cache = codec.decode(data, progress=True, profile=_load_profile(args.profile))
     info = codec.inspect(data)
     _save_cache(cache, args.output, info["positions"]["start"], info["positions"]["next"], info["model"]["fingerprint"])
     return 0
@@ -170,6 +196,54 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_calibrate(args) -> int:
+    from .calibrate import calibrate
+
+    paths = args.text or sorted(os.path.join(CALIBRATION_DIR, f) for f in os.listdir(CALIBRATION_DIR) if f.endswith(".txt"))
+    model, tokenizer = _model()
+    t0 = time.perf_counter()
+    profile = calibrate(model, [_read_text(p) for p in paths], tokenizer=tokenizer, prompt_len=args.tokens,
+                        continuation_len=args.continuation_len, progress=True)
+    profile.info["texts"] = [os.path.basename(p) for p in paths]
+    profile._bytes = None
+    profile.save(args.output)
+    print(f"wrote {args.output}: {profile.nbytes} bytes, sha256 {profile.hash}, kl_gain {profile.kl_gain:.3f} "
+          f"(samples {profile.info['kl_gain_samples']}), {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+def cmd_analyze(args) -> int:
+    from .analyze import analyze
+
+    profile = _load_profile(args.profile)
+    if args.input:
+        result = analyze(_read_bytes(args.input), profile=profile)
+        what = args.input
+    else:
+        model, tokenizer = _model()
+        _, n, cache = _prefill_text(model, tokenizer, _read_text(args.text), args.tokens, "float16")
+        result = analyze(cache, model=model, **_encode_options(args))
+        what = f"{os.path.basename(args.text or DEFAULT_TEXT)}, {n} tokens"
+    table = result.markdown()
+    print(table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result.as_dict(), f, indent=1)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(f"# seqkv analyze: {what}\n\nWritten by `seqkv {' '.join(sys.argv[1:])}`. Bits per element of "
+                    "each tensor (see seqkv/analyze.py for the definitions).\n\n" + table + "\n")
+    return 0
+
+
+def _load_profile(path):
+    if path is None:
+        return None
+    from .profile import Profile
+
+    return Profile.load(path)
+
+
 def cmd_eval(args) -> int:
     from .evaluate import evaluate_text, format_table
 
@@ -183,6 +257,7 @@ def cmd_eval(args) -> int:
         if not name or not isinstance(kwargs, dict):
             raise SeqKVError(f"--config needs NAME='{{\"preset\": ..., options}}', got {item!r}")
         configs[name] = kwargs
+    profile = _load_profile(args.profile)
     model, tokenizer = _model()
     texts = args.text or [None]
     out = []
@@ -190,7 +265,7 @@ def cmd_eval(args) -> int:
     for path in texts:
         rows = evaluate_text(model, tokenizer, _read_text(path), presets=args.presets, prompt_len=args.prompt_len,
                              continuation_len=args.continuation_len, cache_dtype=args.cache_dtype,
-                             configs=configs, repeat=args.repeat, progress=True)
+                             configs=configs, repeat=args.repeat, progress=True, profile=profile)
         title = f"{os.path.basename(path or DEFAULT_TEXT)} (P={args.prompt_len}, C={args.continuation_len}, {args.cache_dtype} cache)"
         table = format_table(rows, title)
         print(table + "\n", flush=True)
@@ -351,8 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("encode", help="prefill a text with the embedded model and write the encoded cache")
     e.add_argument("--text", help="text file (default: bench/texts/psf_license.txt)")
     e.add_argument("--tokens", type=int, default=2048)
-    e.add_argument("--preset", default="balanced", choices=PRESET_ORDER)
-    e.add_argument("--step", type=float, help="quality knob: quantizer step relative to RMS (lossy presets)")
+    _add_encode_options(e)
     e.add_argument("--cache-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     e.add_argument("-o", "--output", required=True)
     e.set_defaults(func=cmd_encode)
@@ -360,6 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     dd = sub.add_parser("decode", help="decode a container to a .safetensors file of per-layer keys/values")
     dd.add_argument("input")
     dd.add_argument("-o", "--output", required=True)
+    dd.add_argument("--profile", help="the profile a calibrated container was encoded with")
     dd.set_defaults(func=cmd_decode)
 
     i = sub.add_parser("inspect", help="show a container's header, sizes, ratio and bits/element")
@@ -377,9 +452,27 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--continuation-len", type=int, default=256)
     v.add_argument("--cache-dtype", default="float16", choices=["float16", "bfloat16"])
     v.add_argument("--repeat", type=int, default=1, help="timing repeats (best is kept)")
+    v.add_argument("--profile", help="a calibrated profile: --config rows without a preset use it "
+                   "(e.g. t01='{\"target_kl\": 0.01}')")
     v.add_argument("--json", help="also write the rows as JSON here")
     v.add_argument("--markdown", help="also write the tables as markdown here")
     v.set_defaults(func=cmd_eval)
+
+    a = sub.add_parser("analyze", help="bits per layer and kind vs entropy and Gaussian R(D) bounds")
+    a.add_argument("input", nargs="?", help="a container to analyse (else: prefill --text and encode it)")
+    a.add_argument("--text", help="text file to prefill with the embedded model (default psf_license.txt)")
+    a.add_argument("--tokens", type=int, default=2048)
+    _add_encode_options(a)
+    a.add_argument("--json", help="also write the analysis as JSON here")
+    a.add_argument("--markdown", help="also write the table as markdown here")
+    a.set_defaults(func=cmd_analyze)
+
+    c = sub.add_parser("calibrate", help="calibrate a model profile (KLT, sensitivities) on real text")
+    c.add_argument("--text", action="append", help="text file (repeatable; default: bench/calibration/*.txt)")
+    c.add_argument("--tokens", type=int, default=2048, help="tokens per text (default 2048)")
+    c.add_argument("--continuation-len", type=int, default=256)
+    c.add_argument("-o", "--output", required=True, help="profile file to write (.safetensors)")
+    c.set_defaults(func=cmd_calibrate)
 
     _add_store_parser(sub)
     return p

@@ -1,6 +1,8 @@
 """encode / decode / inspect: caches to container bytes and back."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -9,7 +11,9 @@ from .container import Container, write_container
 from .errors import ConfigError, FormatError, ModelMismatchError, SeqKVError
 from .hf_adapter import DTYPES_BY_NAME, SUPPORTED_DTYPES, build_cache, cache_layers
 from .layout import ModelLayout, layout_from_model
-from .presets import pipeline_config
+from .presets import CALIBRATED_PRESET, calibrated_pipeline_config, pipeline_config
+from .profile import Profile, ProfileMismatchError
+from .rate_control import DEFAULT_KL_MARGIN, DEFAULT_TARGET_KL, parse_target, scale_for_kl, scale_for_size
 from .progress import progress_bar
 from .stages import stage_from_config
 from .stages.base import TensorContext
@@ -36,6 +40,7 @@ class _Pipeline:
             raise ConfigError(f"invalid pipeline config: {config!r}")
         self.config = config
         self.lossless = config["mode"] == "lossless"
+        self.needs_profile = False  # set below for pipelines whose stages read the model profile
         self.coder = self._stage(config.get("coder"), "tensor_coder" if self.lossless else "symbol_coder")
         if self.lossless:
             return
@@ -47,6 +52,10 @@ class _Pipeline:
             raise ConfigError("pipeline 'transforms' must be a list")
         self.transforms = [self._stage(t, "transform") for t in transforms]
         self.quantizer = self._stage(config.get("quantizer"), "quantizer")
+        predictor = config.get("predictor")
+        self.predictor = None if predictor is None else self._stage(predictor, "predictor")
+        # a pipeline whose stages read the model profile (the KLT and its quantizer)
+        self.needs_profile = any(t.id == "klt" for t in self.transforms) or self.quantizer.id == "klt_uniform"
 
     @staticmethod
     def _stage(config, role: str):
@@ -61,6 +70,8 @@ class _Pipeline:
         if not self.lossless:
             out["transforms"] = [t.get_config() for t in self.transforms]
             out["quantizer"] = self.quantizer.get_config()
+            if self.predictor is not None:
+                out["predictor"] = self.predictor.get_config()
         return out
 
     # -- one tensor [H, T, D] <-> section bytes ------------------------------------------
@@ -69,13 +80,24 @@ class _Pipeline:
             torch_int, np_uint = _BITS_DTYPE[dtype_name]
             bits = x.contiguous().view(torch_int).numpy().view(np_uint)
             return self.coder.encode(bits, dtype_name)
-        sinks = min(self.sink_tokens, x.shape[1])
-        out = bytearray(_raw_bytes(x[:, :sinks]))
+        return self.code(x, self.transform(x, ctx), ctx)
+
+    def transform(self, x: torch.Tensor, ctx: TensorContext) -> torch.Tensor:
+        """The lossy stack's transforms: the tensor the quantizer sees (float32 [H, T, D])."""
         y = x.to(torch.float32)
         for t in self.transforms:
             y = t.forward(y, ctx)
+        return y
+
+    def code(self, x: torch.Tensor, y: torch.Tensor, ctx: TensorContext) -> bytes:
+        """Section bytes: exact sinks from ``x``, then ``y``'s other tokens quantized, predicted, coded."""
+        sinks = min(self.sink_tokens, x.shape[1])
+        out = bytearray(_raw_bytes(x[:, :sinks]))
         q, side = self.quantizer.quantize(y[:, sinks:].contiguous(), ctx)
         out += side
+        if self.predictor is not None:
+            q, predictor_side = self.predictor.forward(q, ctx)
+            out += predictor_side
         out += self.coder.encode(q)
         return bytes(out)
 
@@ -85,20 +107,39 @@ class _Pipeline:
             torch_int, _ = _BITS_DTYPE[dtype_name]
             bits = self.coder.decode(payload, dtype_name, shape)
             return torch.from_numpy(np.ascontiguousarray(bits)).view(torch_int).view(DTYPES_BY_NAME[dtype_name])
+        sections = self.read_symbols(payload, ctx, dtype_name, shape)
+        sinks = sections.sinks.shape[1]
+        y = torch.zeros(heads, tokens, dim)
+        y[:, sinks:] = self.quantizer.dequantize(torch.from_numpy(sections.symbols), sections.side, ctx)
+        for t in reversed(self.transforms):
+            y = t.inverse(y, ctx)
+        y = y.to(DTYPES_BY_NAME[dtype_name])
+        y[:, :sinks] = sections.sinks
+        return y
+
+    def read_symbols(self, payload, ctx: TensorContext, dtype_name: str, shape) -> "SectionSymbols":
+        """A lossy section's parts: exact sinks, quantizer side info, coded residuals and symbols."""
+        heads, tokens, dim = shape
         reader = Reader(payload, what=section_name(ctx.layer, ctx.kind))
         sinks = min(self.sink_tokens, tokens)
         dtype = DTYPES_BY_NAME[dtype_name]
         sink_part = _from_raw_bytes(reader.bytes(heads * sinks * dim * dtype.itemsize), dtype, (heads, sinks, dim))
         side = self.quantizer.read_side(reader, heads, dim)
-        q = self.coder.decode(reader, (heads, tokens - sinks, dim))
+        predictor_side = None if self.predictor is None else self.predictor.read_side(reader, heads, dim)
+        coder_start = reader.pos
+        residuals = self.coder.decode(reader, (heads, tokens - sinks, dim))
         reader.expect_end()
-        y = torch.zeros(heads, tokens, dim)
-        y[:, sinks:] = self.quantizer.dequantize(torch.from_numpy(q), side, ctx)
-        for t in reversed(self.transforms):
-            y = t.inverse(y, ctx)
-        y = y.to(dtype)
-        y[:, :sinks] = sink_part
-        return y
+        symbols = residuals if self.predictor is None else self.predictor.inverse(residuals, predictor_side, ctx)
+        return SectionSymbols(sink_part, side, residuals, symbols, reader.pos - coder_start)
+
+
+@dataclass
+class SectionSymbols:
+    sinks: torch.Tensor        # [H, sinks, D], exact
+    side: object               # the quantizer's side info
+    residuals: np.ndarray      # int32 [H, T - sinks, D]: what the entropy coder coded
+    symbols: np.ndarray        # int32 [H, T - sinks, D]: the quantizer's output
+    coder_bytes: int           # bytes of the entropy coder's part (tables, offsets, ANS words)
 
 
 def _raw_bytes(x: torch.Tensor) -> bytes:
@@ -154,32 +195,57 @@ def _layout_for(model, config, layers, lossless: bool) -> ModelLayout:
     return layout
 
 
-def encode(cache, *, preset: str = "balanced", model=None, config=None, positions=None,
-           progress: bool = False, **options) -> bytes:
+def encode(cache, *, preset: str | None = None, model=None, config=None, positions=None,
+           progress: bool = False, profile=None, target_kl: float | None = None,
+           bits_per_element: float | None = None, max_bytes: int | None = None,
+           kl_margin: float = DEFAULT_KL_MARGIN, **options) -> bytes:
     """Encode a transformers ``DynamicCache`` into a self-describing seqkv container.
 
-    ``preset`` is one of "lossless", "near_lossless", "balanced", "small".
-    ``model``/``config`` give the layout, RoPE parameters and fingerprint
-    (required for lossy presets).  ``positions`` is the start position (int)
-    or the position of every cached token (default 0, 1, 2, ...).
-    ``options`` override the preset: ``step`` (the quality knob), ``sink_tokens``,
-    ``rotation`` ("none"/"hadamard"), ``quantizer`` ("uniform"/"lloydmax"),
-    ``bits`` (Lloyd-Max), ``rounding``, ``key_channel_gamma``, ``seed``.
+    Without a profile, ``preset`` is one of "lossless", "near_lossless", "balanced"
+    (the default), "small"; ``options`` override it: ``step`` (the quality knob),
+    ``sink_tokens``, ``rotation`` ("none"/"hadamard"), ``quantizer``
+    ("uniform"/"lloydmax"), ``bits`` (Lloyd-Max), ``rounding``, ``key_channel_gamma``, ``seed``.
+
+    With ``profile=`` (a calibrated :class:`seqkv.Profile`) the codec is the
+    calibrated one (per-layer KLT, profile steps, temporal prediction) and rate
+    control meets one target: ``target_kl`` (predicted mean KL, the default, 0.01),
+    ``bits_per_element`` or ``max_bytes``; ``scale=`` sets the knob directly.
+    ``options`` then are ``rounding``, ``predict`` (bool) and ``scale``.
+    Lossless never uses a profile.
+
+    ``model``/``config`` give the layout, RoPE parameters and fingerprint (required
+    for lossy presets unless a profile gives them).  ``positions`` is the start
+    position (int) or the position of every cached token (default 0, 1, 2, ...).
     """
-    if not isinstance(preset, str):
+    if preset is not None and not isinstance(preset, str):
         raise ConfigError(f"preset must be a string, got {type(preset).__name__}")
+    targets_given = any(v is not None for v in (target_kl, bits_per_element, max_bytes)) or "scale" in options
+    if profile is not None and preset in (None, CALIBRATED_PRESET):
+        return _encode_calibrated(cache, profile, model=model, config=config, positions=positions, progress=progress,
+                                  target=parse_target(target_kl, bits_per_element, max_bytes, options.pop("scale", None)),
+                                  kl_margin=kl_margin, **options)
+    if targets_given:
+        raise ConfigError("target_kl / bits_per_element / max_bytes / scale need a calibrated profile= "
+                          "(seqkv.calibrate(...) or seqkv.Profile.load(path)) and no preset")
+    if profile is not None and preset != "lossless":
+        raise ConfigError(f"preset {preset!r} does not use a profile; leave preset out to use the profile")
+    preset = preset or "balanced"
     config_dict = pipeline_config(preset, **options)
     pipeline = _Pipeline(config_dict)
     layers = cache_layers(cache)
     layout = _layout_for(model, config, layers, pipeline.lossless)
-    heads, tokens, dim = layers[0][0].shape
     dtype_name = SUPPORTED_DTYPES[layers[0][0].dtype]
-    pos = _positions_of(positions, tokens)
+    pos = _positions_of(positions, layers[0][0].shape[1])
     sections = []
     for i, (keys, values) in progress_bar(list(enumerate(layers)), desc=f"encode {preset}", enabled=progress):
         for kind, x in zip(KINDS, (keys, values)):
             ctx = TensorContext(layer=i, kind=kind, positions=pos, layout=layout)
             sections.append((section_name(i, kind), pipeline.encode_tensor(x.cpu(), ctx, dtype_name)))
+    return _write(sections, pipeline, layout, layers, dtype_name, pos)
+
+
+def _write(sections, pipeline, layout, layers, dtype_name, pos, extra_header=None) -> bytes:
+    heads, tokens, dim = layers[0][0].shape
     contiguous = bool(tokens == 0 or torch.equal(pos, torch.arange(int(pos[0]), int(pos[0]) + tokens)))
     if not contiguous:
         sections.append(("positions", _le_bytes(pos.numpy())))
@@ -194,8 +260,68 @@ def encode(cache, *, preset: str = "balanced", model=None, config=None, position
         "head_dim": dim,
         "tokens": tokens,
         "positions": {"start": int(pos[0]), "next": int(pos[-1]) + 1, "contiguous": contiguous},
+        **(extra_header or {}),
     }
     return write_container(header, sections)
+
+
+def _encode_calibrated(cache, profile, *, model, config, positions, progress, target, kl_margin, **options) -> bytes:
+    """The calibrated codec: pre-RoPE, the profile's KLT, profile steps scaled by rate control."""
+    if not isinstance(profile, Profile):
+        raise ConfigError(f"profile must be a seqkv.Profile, got {type(profile).__name__}")
+    if not (isinstance(kl_margin, (int, float)) and 0.01 <= kl_margin <= 100):
+        raise ConfigError(f"kl_margin must be in [0.01, 100], got {kl_margin!r}")
+    pipeline = _Pipeline(calibrated_pipeline_config(profile.sink_tokens, **options))
+    layers = cache_layers(cache)
+    if model is not None or config is not None:
+        layout = _layout_for(model, config, layers, False)
+        profile.check_model(layout)
+    else:
+        layout = _layout_for(profile.layout, None, layers, False)
+    dtype_name = SUPPORTED_DTYPES[layers[0][0].dtype]
+    pos = _positions_of(positions, layers[0][0].shape[1])
+    sinks = pipeline.sink_tokens
+    extra = {"profile": profile}
+    transformed = {}
+    for i, (keys, values) in progress_bar(list(enumerate(layers)), desc="encode: transform", enabled=progress):
+        for kind, x in zip(KINDS, (keys, values)):
+            x = x.cpu()
+            ctx = TensorContext(layer=i, kind=kind, positions=pos, layout=layout, extra=extra)
+            transformed[(i, kind)] = (x, pipeline.transform(x, ctx))
+    bodies = {key: y[:, sinks:] for key, (_x, y) in transformed.items()}
+    rounding = pipeline.quantizer.rounding
+
+    def encode_at(scale: float) -> list:
+        extra["scale"] = scale
+        extra["chain"] = {}  # cross-layer prediction: the previous layer's reconstruction per kind
+        out = []
+        for (i, kind), (x, y) in transformed.items():
+            ctx = TensorContext(layer=i, kind=kind, positions=pos, layout=layout, extra=extra)
+            out.append((section_name(i, kind), pipeline.code(x, y, ctx)))
+        return out
+
+    def container_at(scale: float) -> bytes:
+        extra["weighted_mse"] = {}
+        sections = encode_at(scale)
+        rate_control = {"target": target.to_json(), "scale": float(np.float32(scale)), "kl_margin": kl_margin,
+                        "predicted_kl": profile.predicted_kl(extra["weighted_mse"])}
+        return _write(sections, pipeline, layout, layers, dtype_name, pos,
+                      {"profile": profile.ref(), "rate_control": rate_control})
+
+    if target.kind == "scale":
+        return container_at(target.value)
+    kl_scale = scale_for_kl(profile, bodies, target.value if target.kind == "kl" else DEFAULT_TARGET_KL,
+                            rounding, kl_margin, cross_layer=pipeline.quantizer.get_config().get("cross_layer", False))
+    if target.kind == "kl":
+        return container_at(kl_scale)
+    elements = len(layers) * 2 * layers[0][0].numel()
+    goal = target.value if target.kind == "max_bytes" else target.value * elements / 8
+    _scale, blob = scale_for_size(container_at, goal, kl_scale, exact_cap=target.kind == "max_bytes")
+    return blob
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _json_int(obj: dict, key: str) -> int:
@@ -245,6 +371,18 @@ class _Parsed:
             self.pipeline = _Pipeline(self.pipeline_config)
         except ConfigError as exc:
             raise FormatError(f"the container's pipeline is invalid or unknown to this version: {exc}") from None
+        self.profile_ref = h.get("profile")
+        self.rate_control = h.get("rate_control")
+        if self.pipeline.needs_profile != (self.profile_ref is not None):
+            raise FormatError("the header's profile reference does not match its pipeline")
+        if self.profile_ref is not None and not (isinstance(self.profile_ref, dict)
+                                                 and isinstance(self.profile_ref.get("sha256"), str)
+                                                 and _is_count(self.profile_ref.get("bytes"))):
+            raise FormatError(f"invalid profile reference {self.profile_ref!r}")
+        self.profile = None
+        # cross-layer prediction chains each layer to the previous one of its kind
+        self.chained = bool(self.pipeline.needs_profile and self.pipeline.quantizer.get_config().get("cross_layer"))
+        self.chain: dict = {}
         if self.contiguous:
             if self.next_position != self.start + self.tokens or self.start < 0:
                 raise FormatError("positions in the header are inconsistent")
@@ -257,10 +395,32 @@ class _Parsed:
             if self.tokens and (int(self.positions[-1]) + 1 != self.next_position or bool((self.positions[1:] <= self.positions[:-1]).any())):
                 raise FormatError("the positions section is inconsistent")
 
+    def use_profile(self, profile) -> None:
+        """Check and attach the profile a calibrated container needs (ignored by the others)."""
+        if self.profile_ref is None:
+            return
+        if profile is None:
+            raise ProfileMismatchError(
+                f"this container was encoded with a calibrated profile (sha256 {self.profile_ref['sha256'][:16]}…, "
+                f"{self.profile_ref['bytes']} bytes): pass profile=seqkv.Profile.load(path) to decode it")
+        if not isinstance(profile, Profile):
+            raise ConfigError(f"profile must be a seqkv.Profile, got {type(profile).__name__}")
+        profile.check_ref(self.profile_ref)
+        self.profile = profile
+
     def decode_layer(self, i: int):
+        if self.chained and i > 0 and any(self.chain.get(k, (-1,))[0] != i - 1 for k in KINDS):
+            # a chained section needs the previous layer's reconstruction: decode the missing ones in order
+            done = min(self.chain.get(k, (-1,))[0] for k in KINDS)
+            for j in range(done + 1 if done < i else 0, i):
+                self._decode_layer(j)
+        return self._decode_layer(i)
+
+    def _decode_layer(self, i: int):
         out = []
         for kind in KINDS:
-            ctx = TensorContext(layer=i, kind=kind, positions=self.positions, layout=self.layout)
+            ctx = TensorContext(layer=i, kind=kind, positions=self.positions, layout=self.layout,
+                                extra={"profile": self.profile, "chain": self.chain})
             payload = self.container.section(section_name(i, kind))
             try:
                 out.append(self.pipeline.decode_tensor(payload, ctx, self.dtype, (self.heads, self.tokens, self.dim)))
@@ -272,16 +432,18 @@ class _Parsed:
 
 
 def decode(data, *, device=None, dtype=None, model=None, layers=None, progress: bool = False,
-           max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES):
+           max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES, profile=None):
     """Decode container bytes into a ``DynamicCache`` on ``device`` in ``dtype`` (default: the original).
 
     Pass ``model`` to refuse containers made for another model.  ``layers``
     (an iterable of layer indices) decodes only those layers, in that order.
-    The next RoPE position is ``inspect(data)["positions"]["next"]``.
+    The next RoPE position is ``inspect(data)["positions"]["next"]``.  Containers made
+    with a calibrated profile need that profile (``profile=``); others ignore it.
     """
     parsed = _Parsed(data, max_decoded_bytes)
     if model is not None:
         parsed.layout.check_same_model(layout_from_model(model))
+    parsed.use_profile(profile)
     if dtype is not None and dtype not in SUPPORTED_DTYPES:
         raise ConfigError(f"dtype must be one of float32, float16, bfloat16, got {dtype}")
     indices = range(parsed.layers) if layers is None else list(layers)
@@ -317,6 +479,8 @@ def inspect(data) -> dict:
         "ratio_vs_fp16": raw_fp16 / c.total_bytes,
         "bits_per_element": 8 * c.total_bytes / elements,
         "section_bytes": sizes,
+        "profile": parsed.profile_ref,
+        "rate_control": parsed.rate_control,
         "keys_bytes": sum(v for k, v in sizes.items() if k.endswith(".keys")),
         "values_bytes": sum(v for k, v in sizes.items() if k.endswith(".values")),
     }

@@ -15,7 +15,7 @@ from .errors import ChecksumError, FormatError, UnsupportedVersionError
 
 MAGIC = b"\x89SEQKV\r\n"          # 8 bytes; the high byte and CR/LF catch text-mode mangling
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 0
+FORMAT_MINOR = 1
 PREAMBLE = struct.Struct("<8sBBHII")  # magic, major, minor, flags, header_length, header_crc32c
 PREAMBLE_SIZE = PREAMBLE.size        # 20
 KNOWN_FLAGS = 0x0000                 # v1 defines no flags: every bit is reserved and must be zero

@@ -31,6 +31,7 @@ class EvalRow:
     ppl_ratio: float | None
     encode_mb_s: float
     decode_mb_s: float
+    predicted_kl: float | None = None   # rate control's model, for calibrated rows
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -52,10 +53,16 @@ def load_token_ids(tokenizer, text: str) -> torch.Tensor:
 
 def evaluate_text(model, tokenizer, text: str, presets=("lossless", "near_lossless", "balanced", "small"),
                   prompt_len: int = 2048, continuation_len: int = 256, cache_dtype: str = "float16",
-                  configs: dict | None = None, repeat: int = 1, progress: bool = False) -> list[EvalRow]:
-    """Run the protocol on one text; ``configs`` maps extra row names to encode() keyword dicts."""
-    probe = QualityProbe(model, load_token_ids(tokenizer, text), prompt_len, continuation_len,
-                         cache_dtype=DTYPES_BY_NAME[cache_dtype])
+                  configs: dict | None = None, repeat: int = 1, progress: bool = False, profile=None,
+                  probe: QualityProbe | None = None) -> list[EvalRow]:
+    """Run the protocol on one text; ``configs`` maps extra row names to encode() keyword dicts.
+
+    With ``profile``, config rows that name no preset use the calibrated codec with it
+    (e.g. ``{"target_kl": 0.01}``).  ``probe`` reuses an existing prefill of the same text.
+    """
+    if probe is None:
+        probe = QualityProbe(model, load_token_ids(tokenizer, text), prompt_len, continuation_len,
+                             cache_dtype=DTYPES_BY_NAME[cache_dtype])
     layers = cache_layers(probe.cache)
     elements = sum(k.numel() + v.numel() for k, v in layers)
     raw_fp16 = 2 * elements
@@ -78,11 +85,13 @@ def evaluate_text(model, tokenizer, text: str, presets=("lossless", "near_lossle
 
     jobs = [(p, {"preset": p}) for p in presets] + list((configs or {}).items())
     for name, kwargs in progress_bar(jobs, desc="eval", enabled=progress):
-        blob, t_enc = _timed(lambda: codec.encode(probe.cache, model=model, **kwargs), repeat)  # noqa: B023
-        decoded, t_dec = _timed(lambda: codec.decode(blob), repeat)  # noqa: B023
+        with_profile = {"profile": profile} if profile is not None and "preset" not in kwargs else {}
+        blob, t_enc = _timed(lambda: codec.encode(probe.cache, model=model, **kwargs, **with_profile), repeat)  # noqa: B023
+        decoded, t_dec = _timed(lambda: codec.decode(blob, **with_profile), repeat)  # noqa: B023
         q = probe.score(decoded, next_position=codec.inspect(blob)["positions"]["next"])
+        rc = codec.inspect(blob).get("rate_control") or {}
         rows.append(EvalRow(name, len(blob), raw_fp16 / len(blob), 8 * len(blob) / elements, q.mean_kl, q.p99_kl,
-                            q.top1_agreement, q.ppl_ratio, mb / t_enc, mb / t_dec))
+                            q.top1_agreement, q.ppl_ratio, mb / t_enc, mb / t_dec, rc.get("predicted_kl")))
     return rows
 
 

@@ -133,7 +133,10 @@ def weights_digest(model) -> str:
 
 
 def layout_from_model(model_or_config) -> ModelLayout:
-    """Read the layout from a transformers model or config (Llama, Qwen2, Mistral families)."""
+    """Read the layout from a transformers model or config (Llama, Qwen2, Mistral families);
+    a ModelLayout is returned as it is."""
+    if isinstance(model_or_config, ModelLayout):
+        return model_or_config
     config = _config_of(model_or_config)
     if hasattr(config, "get_text_config"):
         config = config.get_text_config()

@@ -69,3 +69,31 @@ def pipeline_config(preset: str, **options) -> dict:
                 raise ConfigError(f"{name}= applies to the uniform quantizer only")
             cfg["quantizer"][name] = options.pop(name)
     return cfg
+
+
+CALIBRATED_PRESET = "calibrated"
+CALIBRATED_OPTION_NAMES = ("rounding", "predict", "cross_layer")
+
+
+def calibrated_pipeline_config(sink_tokens: int, **options) -> dict:
+    """The pipeline of the calibrated codec (used with a model profile): pre-RoPE keys, the
+    profile's per-layer KLT, profile-scaled uniform steps with cross-layer prediction, temporal
+    prediction, context ANS.  ``predict`` / ``cross_layer`` switch the two predictors off."""
+    unknown = set(options) - set(CALIBRATED_OPTION_NAMES)
+    if unknown:
+        raise ConfigError(f"unknown option(s) {sorted(unknown)} with a profile; known: "
+                          f"{list(CALIBRATED_OPTION_NAMES)} and one of target_kl / bits_per_element / max_bytes / scale")
+    predict = options.get("predict", True)
+    cross_layer = options.get("cross_layer", True)
+    for name, value in (("predict", predict), ("cross_layer", cross_layer)):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be True or False, got {value!r}")
+    cfg = {
+        "mode": "lossy", "preset": CALIBRATED_PRESET, "sink_tokens": sink_tokens,
+        "transforms": [{"id": "prerope"}, {"id": "klt"}],
+        "quantizer": {"id": "klt_uniform", "rounding": options.get("rounding", 0.5), "cross_layer": cross_layer},
+        "coder": {"id": "context_ans"},
+    }
+    if predict:
+        cfg["predictor"] = {"id": "temporal_ar"}
+    return cfg

@@ -38,3 +38,20 @@ def tiny_cache(family: str = "llama", tokens: int = 24, dtype=torch.float32, see
 @pytest.fixture
 def llama_cache():
     return tiny_cache("llama")
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_profile(family: str = "llama", sensitivity: float | None = 50.0, seed: int = 7):
+    """A profile of tiny_model(family) calibrated on fixed random tokens.  ``sensitivity`` overrides
+    the measured ones (a random tiny model barely reacts to noise, which would push rate control to
+    the end of its range); None keeps them."""
+    import seqkv
+
+    gen = torch.Generator().manual_seed(seed)
+    seqs = [torch.randint(0, 96, (260,), generator=gen) for _ in range(2)]
+    profile = seqkv.calibrate(tiny_model(family), seqs, prompt_len=200, continuation_len=32)
+    if sensitivity is not None:
+        for part in profile.parts.values():
+            part.sensitivity = sensitivity
+        profile._bytes = None
+    return profile

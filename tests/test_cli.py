@@ -53,3 +53,43 @@ def test_encode_inspect_decode_demo_eval(tmp_path, capsys):
     assert rows["lossless"]["mean_kl"] == 0.0 and rows["lossless"]["ratio"] > rows["shuffle+zstd-3"]["ratio"]
     assert 0 < rows["small"]["mean_kl"] < 0.2 and rows["small"]["ratio"] > 4
     assert "Protocol" in md.read_text()
+
+
+GOLDEN_CALIBRATED = os.path.join(os.path.dirname(__file__), "golden", "v1_1_calibrated_fp16.skv")
+GOLDEN_PROFILE = GOLDEN_CALIBRATED.replace(".skv", ".profile.safetensors")
+
+
+def test_calibrated_container_needs_its_profile_on_the_command_line(tmp_path, capsys):
+    out = tmp_path / "c.safetensors"
+    assert main(["decode", GOLDEN_CALIBRATED, "-o", str(out)]) == 2
+    assert "profile" in capsys.readouterr().err
+    assert main(["decode", GOLDEN_CALIBRATED, "--profile", GOLDEN_PROFILE, "-o", str(out)]) == 0
+    assert len(load_file(str(out))) == 2 * seqkv.inspect(open(GOLDEN_CALIBRATED, "rb").read())["layers"]
+    js, md = tmp_path / "a.json", tmp_path / "a.md"
+    assert main(["analyze", GOLDEN_CALIBRATED, "--profile", GOLDEN_PROFILE, "--json", str(js), "--markdown", str(md)]) == 0
+    report = json.loads(js.read_text())
+    assert report["totals"]["coded"] > 0 and len(report["tensors"]) == 2 * seqkv.inspect(open(GOLDEN_CALIBRATED, "rb").read())["layers"]
+    assert "| all |" in md.read_text()
+    bad = tmp_path / "bad.profile"
+    bad.write_bytes(b"nonsense")
+    assert main(["analyze", GOLDEN_CALIBRATED, "--profile", str(bad)]) == 2
+
+
+def test_rate_targets_need_a_profile(tmp_path, capsys):
+    assert main(["encode", "--target-kl", "0.01", "-o", str(tmp_path / "x.skv")]) == 2
+    assert "--profile" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_calibrate_encode_analyze_on_the_embedded_model(tmp_path, capsys):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    profile = tmp_path / "p.safetensors"
+    assert main(["calibrate", "--text", os.path.join(root, "bench", "calibration", "calib_argparse.txt"),
+                 "--tokens", "400", "--continuation-len", "48", "-o", str(profile)]) == 0
+    skv = tmp_path / "c.skv"
+    assert main(["encode", "--tokens", "300", "--profile", str(profile), "--target-kl", "0.01", "-o", str(skv)]) == 0
+    info = seqkv.inspect(skv.read_bytes())
+    assert info["profile"]["sha256"] == seqkv.Profile.load(profile).hash
+    assert info["rate_control"]["target"] == {"kl": 0.01}
+    assert main(["analyze", str(skv), "--profile", str(profile)]) == 0
+    assert "| all |" in capsys.readouterr().out

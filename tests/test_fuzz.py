@@ -17,8 +17,9 @@ import seqkv
 from seqkv.checksum import crc32c
 from seqkv.container import MAGIC, PREAMBLE, Container
 from seqkv.errors import DecodeError
+from seqkv.profile import ProfileMismatchError
 
-from conftest import tiny_cache
+from conftest import tiny_cache, tiny_profile
 
 FUZZ = settings(max_examples=int(os.environ.get("SEQKV_FUZZ_EXAMPLES", "150")), deadline=5000, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
@@ -31,6 +32,9 @@ def sample(kind: str) -> bytes:
     if kind == "lossless32":
         model, cache = tiny_cache("qwen2", tokens=9)
         return seqkv.encode(cache, preset="lossless", model=model, positions=[0, 2, 4, 6, 8, 10, 12, 14, 16])
+    if kind == "calibrated":
+        model, cache = tiny_cache("llama", tokens=40, dtype=torch.float16)
+        return seqkv.encode(cache, model=model, profile=tiny_profile(), scale=0.03)
     if kind == "lloydmax":
         model, cache = tiny_cache("llama", tokens=12)
         return seqkv.encode(cache, preset="balanced", model=model, rotation="hadamard", quantizer="lloydmax", bits=3)
@@ -38,7 +42,19 @@ def sample(kind: str) -> bytes:
     return seqkv.encode(cache, preset=kind, model=model)
 
 
-KINDS = st.sampled_from(["lossless16", "lossless32", "balanced", "small", "lloydmax"])
+KINDS = st.sampled_from(["lossless16", "lossless32", "balanced", "small", "lloydmax", "calibrated"])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _warm_samples():
+    """Build every sample (and the profile) before hypothesis starts timing examples."""
+    for kind in ["lossless16", "lossless32", "balanced", "small", "lloydmax", "calibrated"]:
+        sample(kind)
+
+
+def decode(data, **kw):
+    """Every sample decodes with the tiny profile at hand (ignored by uncalibrated containers)."""
+    return seqkv.decode(data, profile=tiny_profile(), **kw)
 
 
 def reseal(header: dict, sections: list[bytes]) -> bytes:
@@ -59,8 +75,8 @@ def split(data: bytes):
 
 def must_decode_or_refuse(data):
     try:
-        cache = seqkv.decode(data, max_decoded_bytes=1 << 26)
-    except DecodeError:
+        cache = decode(data, max_decoded_bytes=1 << 26)
+    except (DecodeError, ProfileMismatchError):  # a mutated profile reference asks for another profile
         return
     assert len(cache.layers) >= 1
     try:
@@ -75,7 +91,7 @@ def test_truncated(kind, data):
     blob = sample(kind)
     cut = data.draw(st.integers(0, len(blob) - 1))
     with pytest.raises(DecodeError):
-        seqkv.decode(blob[:cut])
+        decode(blob[:cut])
 
 
 @FUZZ
@@ -86,7 +102,7 @@ def test_bit_flips(kind, data):
     for i in positions:  # distinct bytes, so two flips never cancel
         blob[i] ^= 1 << data.draw(st.integers(0, 7))
     with pytest.raises(DecodeError):  # every byte is covered by a length, the magic or a checksum
-        seqkv.decode(bytes(blob))
+        decode(bytes(blob))
 
 
 @FUZZ
@@ -126,7 +142,8 @@ def test_resealed_header_mutations(kind, data):
              ("positions", "start"), ("positions", "next"), ("positions", "contiguous"), ("model",), ("model", "layers"),
              ("model", "head_dim"), ("model", "rope_inv_freq"), ("model", "rope_attention_scaling"), ("pipeline",),
              ("pipeline", "mode"), ("pipeline", "coder"), ("pipeline", "quantizer"), ("pipeline", "sink_tokens"),
-             ("pipeline", "transforms")]
+             ("pipeline", "transforms"), ("pipeline", "predictor"), ("profile",), ("profile", "sha256"),
+             ("profile", "bytes"), ("rate_control",)]
     path = data.draw(st.sampled_from(paths))
     target = header
     for key in path[:-1]:

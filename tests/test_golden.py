@@ -21,7 +21,11 @@ def test_golden_decodes(path):
         blob = f.read()
     expected = load_file(path.replace(".skv", ".expected.safetensors"))
     info = seqkv.inspect(blob)
-    decoded = seqkv.decode(blob)
+    profile = None
+    if info.get("profile"):  # calibrated containers (1.1+) ship the profile they need beside them
+        profile = seqkv.Profile.load(path.replace(".skv", ".profile.safetensors"))
+        assert profile.hash == info["profile"]["sha256"]
+    decoded = seqkv.decode(blob, profile=profile)
     assert len(decoded.layers) == info["layers"]
     for i, layer in enumerate(decoded.layers):
         for kind in ("keys", "values"):

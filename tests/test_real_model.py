@@ -66,3 +66,38 @@ def test_wrong_model_refused(model_and_tokenizer):
         seqkv.decode(blob, model=tiny_model("llama"))
     with pytest.raises(seqkv.ModelMismatchError):
         seqkv.encode(cache, preset="small", model=tiny_model("llama"))
+
+
+def _calibration_text(name):
+    path = os.path.join(os.path.dirname(TEXTS), "calibration", name)
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+@pytest.fixture(scope="module")
+def small_profile(model_and_tokenizer):
+    """A quick profile (one calibration text, P=768, C=64): enough to test the calibrated path on the
+    real model in CI; the bench profile uses three texts at P=2048 (docs/rd.md)."""
+    model, tok = model_and_tokenizer
+    return seqkv.calibrate(model, [_calibration_text("calib_argparse.txt")], tokenizer=tok,
+                           prompt_len=768, continuation_len=64)
+
+
+def test_calibrated_codec_on_held_out_text(model_and_tokenizer, small_profile):
+    """Calibrated on argparse.py, judged on inspect.py: rate control keeps the true KL near or under the
+    target (stated tolerance: within [0.1, 1.5] x target for this small profile), the ratio beats the
+    balanced preset's at a lower KL, and the profile is required and checked."""
+    model, tok = model_and_tokenizer
+    probe = QualityProbe(model, token_ids(tok, "inspect_source.txt"), 1024, 128)
+    blob = seqkv.encode(probe.cache, profile=small_profile, model=model, target_kl=0.01)
+    info = seqkv.inspect(blob)
+    report = probe.score(seqkv.decode(blob, profile=small_profile, model=model))
+    assert info["rate_control"]["predicted_kl"] == pytest.approx(0.01, rel=0.15)
+    assert 0.001 <= report.mean_kl <= 0.015
+    balanced = seqkv.encode(probe.cache, preset="balanced", model=model)
+    assert info["ratio_vs_fp16"] > 1.2 * seqkv.inspect(balanced)["ratio_vs_fp16"]
+    tighter = seqkv.encode(probe.cache, profile=small_profile, model=model, target_kl=0.001)
+    tight_report = probe.score(seqkv.decode(tighter, profile=small_profile))
+    assert tight_report.mean_kl < report.mean_kl and len(tighter) > len(blob)
+    with pytest.raises(seqkv.ProfileMismatchError):
+        seqkv.decode(blob)

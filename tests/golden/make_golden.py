@@ -17,10 +17,10 @@ sys.path.insert(0, os.path.dirname(HERE))  # tests/, for conftest
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repo, when not installed
 
 import seqkv  # noqa: E402
-from conftest import tiny_cache  # noqa: E402
+from conftest import tiny_cache, tiny_profile  # noqa: E402
 
-VERSION = "v1_0"
-CASES = {
+VERSION = "v1_1"  # the current format version: only its cases are (re)written
+CASES_V1_0 = {
     "lossless_fp16": dict(family="llama", dtype=torch.float16, kw={"preset": "lossless"}),
     "lossless_bf16_positions": dict(family="qwen2", dtype=torch.bfloat16,
                                     kw={"preset": "lossless", "positions": list(range(0, 36, 3))}),
@@ -30,16 +30,24 @@ CASES = {
     "hadamard_lloydmax_fp32": dict(family="llama", dtype=torch.float32,
                                    kw={"preset": "balanced", "rotation": "hadamard", "quantizer": "lloydmax", "bits": 3}),
 }
+# 1.1 added the calibrated codec (klt, klt_uniform, temporal_ar; header "profile" and "rate_control")
+CASES = {
+    "calibrated_fp16": dict(family="llama", dtype=torch.float16, tokens=40, kw={"scale": 0.03}, profile=True),
+}
 
 
 def main():
     for name, case in CASES.items():
-        model, cache = tiny_cache(case["family"], tokens=12, dtype=case["dtype"], seed=7)
-        blob = seqkv.encode(cache, model=model, **case["kw"])
+        model, cache = tiny_cache(case["family"], tokens=case.get("tokens", 12), dtype=case["dtype"], seed=7)
         base = os.path.join(HERE, f"{VERSION}_{name}")
+        profile = None
+        if case.get("profile"):
+            profile = tiny_profile(case["family"])
+            profile.save(base + ".profile.safetensors")
+        blob = seqkv.encode(cache, model=model, profile=profile, **case["kw"])
         with open(base + ".skv", "wb") as f:
             f.write(blob)
-        decoded = seqkv.decode(blob)
+        decoded = seqkv.decode(blob, profile=profile)
         tensors = {}
         for i, layer in enumerate(decoded.layers):
             tensors[f"layer.{i}.keys"] = layer.keys.contiguous()

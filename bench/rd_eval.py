@@ -1,0 +1,158 @@
+"""Rate-distortion of the calibrated codec against the presets and the anchors (issue 3).
+
+    python bench/rd_eval.py --profile smollm2.profile            # ~15 min on 2 cores
+    python bench/rd_eval.py --profile smollm2.profile --quick    # two texts, fewer points
+
+Protocol of design notes §5 (SmolLM2-135M, P=2048, C=256, fp16 cache, KL against the
+uncompressed run, every container byte counted).  The profile must be calibrated on text other
+than the evaluation texts (`seqkv calibrate` uses bench/calibration/, these are bench/texts/).
+
+Rows per text: zstd-3; the presets near_lossless / balanced / small; the TurboQuant-style anchor
+(randomized Hadamard + Lloyd-Max at 3 and 4 bits, indices entropy-coded by seqkv's coder, which
+favours the anchor over its fixed-rate original); HF QuantizedCache's quanto int4 (if
+optimum-quanto is installed: axis 0, group 64, its own bytes: int4 data + fp16 scale and shift);
+the calibrated codec at several target_kl values.  Writes docs/rd.md, docs/rd.json, docs/rd_curve.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from seqkv import Profile  # noqa: E402
+from seqkv.embedded_model import load_embedded_model  # noqa: E402
+from seqkv.evaluate import EvalRow, evaluate_text, load_token_ids  # noqa: E402
+from seqkv.quality import QualityProbe, clone_cache  # noqa: E402
+
+TEXTS = ["python_reference.txt", "psf_license.txt", "inspect_source.txt", "email_message_source.txt"]
+TARGETS = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.04]
+RATES = [2.0]  # bits/element: 8x, to read the KL off at the ratio target
+ANCHORS = {"turboquant-4bit": {"preset": "balanced", "rotation": "hadamard", "quantizer": "lloydmax", "bits": 4},
+           "turboquant-3bit": {"preset": "balanced", "rotation": "hadamard", "quantizer": "lloydmax", "bits": 3}}
+
+
+def quanto_int4_row(probe: QualityProbe) -> EvalRow | None:
+    """HF QuantizedCache (quanto backend) int4 on the stored cache, as it quantizes a prefill."""
+    try:
+        from transformers.cache_utils import QuantoQuantizedLayer
+        layer_q = QuantoQuantizedLayer(nbits=4, axis_key=0, axis_value=0, q_group_size=64, residual_length=128)
+    except ImportError:
+        return None
+    cache = clone_cache(probe.cache)
+    nbytes = 0
+    elements = 0
+    t0 = time.perf_counter()
+    for layer in cache.layers:
+        for name, axis in (("keys", layer_q.axis_key), ("values", layer_q.axis_value)):
+            x = getattr(layer, name)
+            qt = layer_q._quantize(x.contiguous(), axis=axis)
+            nbytes += sum(t.numel() * t.element_size() for t in (qt._data, qt._scale, qt._shift))
+            elements += x.numel()
+            setattr(layer, name, layer_q._dequantize(qt).to(x.dtype))
+    seconds = time.perf_counter() - t0
+    q = probe.score(cache)
+    raw = 2 * elements
+    return EvalRow("quanto-int4 (HF QuantizedCache)", nbytes, raw / nbytes, 8 * nbytes / elements, q.mean_kl, q.p99_kl,
+                   q.top1_agreement, q.ppl_ratio, raw / 1e6 / seconds, float("nan"))
+
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 4), sharey=True)
+    axes = [axes] if len(results) == 1 else axes
+    for ax, (text, rows) in zip(axes, results.items()):
+        def pts(pred):
+            sel = [r for r in rows if pred(r["name"]) and r["mean_kl"]]
+            return [r["mean_kl"] for r in sel], [r["ratio"] for r in sel]
+
+        ax.plot(*pts(lambda n: n.startswith("target_kl")), "o-", label="seqkv calibrated (target_kl)")
+        ax.plot(*pts(lambda n: n.startswith("bits_per_element")), "D", label="seqkv calibrated, 2.0 bits/elem")
+        ax.plot(*pts(lambda n: n in ("near_lossless", "balanced", "small")), "s--", label="seqkv presets (no profile)")
+        ax.plot(*pts(lambda n: n.startswith("turboquant")), "^", label="TurboQuant-style 3/4-bit")
+        ax.plot(*pts(lambda n: n.startswith("quanto")), "v", label="HF quanto int4")
+        zstd = [r["ratio"] for r in rows if r["name"] == "zstd-3"]
+        if zstd:
+            ax.axhline(zstd[0], color="grey", lw=0.8, ls=":", label="zstd-3 (lossless)")
+        ax.axvline(0.01, color="red", lw=0.5, ls=":")
+        ax.set_xscale("log")
+        ax.set_title(text.replace(".txt", ""), fontsize=9)
+        ax.set_xlabel("mean KL (continuation, C=256)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("compression ratio vs fp16 (all bytes)")
+    axes[0].legend(fontsize=7)
+    fig.suptitle("SmolLM2-135M, P=2048: rate vs distortion", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--profile", required=True)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=os.path.join(ROOT, "docs"))
+    args = ap.parse_args()
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    profile = Profile.load(args.profile)
+    model, tok = load_embedded_model()
+    texts = TEXTS[:2] if args.quick else TEXTS
+    targets = [0.001, 0.01] if args.quick else TARGETS
+    configs = {**ANCHORS, **{f"target_kl={t}": {"target_kl": t} for t in targets},
+               **{f"bits_per_element={b}": {"bits_per_element": b} for b in RATES}}
+    results = {}
+    for name in texts:
+        with open(os.path.join(ROOT, "bench", "texts", name), encoding="utf-8") as f:
+            text = f.read()
+        probe = QualityProbe(model, load_token_ids(tok, text), 2048, 256)
+        rows = evaluate_text(model, tok, text, presets=("near_lossless", "balanced", "small"), configs=configs,
+                             profile=profile, probe=probe, progress=True)
+        row = quanto_int4_row(probe)
+        if row is not None:
+            rows.insert(1, row)
+        results[name] = [r.as_dict() for r in rows]
+        for r in rows:
+            print(f"{name:28s} {r.name:34s} {r.ratio:6.2f}x KL {r.mean_kl if r.mean_kl is not None else 0:.5f} "
+                  f"pred {r.predicted_kl if r.predicted_kl is not None else float('nan'):.5f} "
+                  f"enc {r.encode_mb_s:.0f} dec {r.decode_mb_s:.0f} MB/s", flush=True)
+    meta = {"profile": {"file": os.path.basename(args.profile), "sha256": profile.hash, "bytes": profile.nbytes,
+                        "kl_gain": profile.kl_gain, "calibration": profile.info}, "texts": texts}
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "rd.json"), "w") as f:
+        json.dump({"meta": meta, "results": results}, f, indent=1)
+    write_markdown(results, meta, os.path.join(args.out, "rd.md"))
+    plot(results, os.path.join(args.out, "rd_curve.png"))
+
+
+def write_markdown(results: dict, meta: dict, path: str) -> None:
+    p = meta["profile"]
+    lines = ["# Rate-distortion: calibrated codec vs presets and anchors", "",
+             "Generated by `python bench/rd_eval.py --profile PROFILE` (SmolLM2-135M-Instruct, P=2048, C=256, fp16 cache; "
+             "ratio = raw fp16 bytes / all container bytes; KL = mean KL(p_ref || p_codec) over the continuation).", "",
+             f"Profile: {p['bytes']} bytes (reported separately, shared by every cache of the model), sha256 {p['sha256'][:16]}…, "
+             f"kl_gain {p['kl_gain']:.3f}, calibrated on {', '.join(p['calibration'].get('texts', []))} — none of them an evaluation text.",
+             "", "![RD curve](rd_curve.png)", ""]
+    for text, rows in results.items():
+        lines += [f"## {text}", "", "| codec | ratio | bits/elem | mean KL | predicted KL | p99 KL | top-1 | ppl ratio | enc MB/s | dec MB/s |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            def f(v, fmt):
+                return "–" if v is None or v != v else format(v, fmt)
+            lines.append(f"| {r['name']} | {r['ratio']:.2f}x | {r['bits_per_element']:.3f} | {f(r['mean_kl'], '.5f')} | "
+                         f"{f(r.get('predicted_kl'), '.5f')} | {f(r['p99_kl'], '.4f')} | {f(r['top1'], '.3f')} | "
+                         f"{f(r['ppl_ratio'], '.4f')} | {f(r['encode_mb_s'], '.0f')} | {f(r['decode_mb_s'], '.0f')} |")
+        lines.append("")
+    with open(path, "w") as fh:
+        fh.write("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

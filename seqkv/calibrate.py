@@ -1,0 +1,251 @@
+"""``seqkv.calibrate``: build a model :class:`~seqkv.profile.Profile` from a few thousand tokens of real text.
+
+1. Prefill each text; per layer and kind, accumulate the mean and covariance of the
+   concatenated KV heads (keys pre-RoPE), tokens after the sinks only (sinks are
+   kept exact and have huge norms).  The KLT basis is the covariance's eigenvectors.
+2. Component weights: how strongly the model reads each component.  Keys: an error
+   ``e`` in a pre-RoPE key moves a logit by ``q^T R e``; averaged over relative
+   positions that is the query energy of the RoPE channel pair.  Values: the error
+   reaches the output through ``o_proj``, so the squared norms of its columns.
+   Weights are summed over the query heads of each GQA group, mapped onto the
+   KLT components and normalised to mean 1.  Also, for cross-layer prediction, the
+   least-squares map from layer i-1's KLT coefficients to layer i's (same kind).
+3. Sensitivity: add noise shaped like the quantizer's (variance ``sigma^2 / w_c`` per
+   component) to one tensor at a time and measure the mean KL of the continuation:
+   ``s = KL / sigma^2``, averaged over the texts.
+4. ``kl_gain``: encode the calibration texts with the profile at a predicted KL and
+   measure the true KL; the ratio corrects the linear model (the worst text wins).
+"""
+from __future__ import annotations
+
+import datetime
+
+import torch
+
+from .errors import ConfigError
+from .layout import layout_from_model
+from .profile import KINDS, LayerKindProfile, Profile
+from .progress import progress_bar
+from .quality import QualityProbe, clone_cache
+from .stages.rope import apply_rope, remove_rope
+
+DEFAULT_SINK_TOKENS = 4
+NOISE_RMS_FRACTION = 0.05     # calibration noise, relative to the tensor's RMS
+GAIN_PROBE_KL = (0.003, 0.01)  # predicted KLs at which kl_gain is measured
+
+
+def _token_sequences(texts_or_token_ids, tokenizer) -> list[torch.Tensor]:
+    if isinstance(texts_or_token_ids, (str, torch.Tensor)):
+        texts_or_token_ids = [texts_or_token_ids]
+    out = []
+    for item in texts_or_token_ids:
+        if isinstance(item, str):
+            if tokenizer is None:
+                raise ConfigError("calibrate() got text: pass tokenizer= as well (or token ids)")
+            ids = tokenizer(item, return_tensors="pt").input_ids[0]
+        else:
+            ids = torch.as_tensor(item).flatten()
+            if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+                raise ConfigError(f"token ids must be integers, got {ids.dtype}")
+        out.append(ids.to(torch.int64))
+    if not out:
+        raise ConfigError("calibrate() needs at least one text or token-id sequence")
+    return out
+
+
+def _pre_rope(x: torch.Tensor, kind: str, layout, positions: torch.Tensor) -> torch.Tensor:
+    """[H, T, D] cached tensor -> float32, keys without RoPE."""
+    x = x.to(torch.float32)
+    if kind == "keys" and layout.has_rope:
+        x = remove_rope(x, positions, torch.from_numpy(layout.inv_freq_array()), layout.rope_attention_scaling)
+    return x
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """[H, T, D] -> [T, H*D]: one row per token, all heads of the layer side by side."""
+    return x.permute(1, 0, 2).reshape(x.shape[1], -1)
+
+
+class _QueryEnergy:
+    """Forward hooks on every layer's q_proj: the mean square of each pre-RoPE query channel."""
+
+    def __init__(self, model, sinks: int):
+        self.sinks = sinks
+        self.sums: dict[int, torch.Tensor] = {}
+        self.count: dict[int, int] = {}
+        self.handles = []
+        for i, layer in enumerate(_decoder_layers(model)):
+            proj = getattr(getattr(layer, "self_attn", None), "q_proj", None)
+            if proj is not None:
+                self.handles.append(proj.register_forward_hook(self._hook(i)))
+
+    def _hook(self, i):
+        def hook(_module, _inputs, output):
+            q = output[0, self.sinks:].detach().to(torch.float64)
+            self.sums[i] = self.sums.get(i, 0) + q.pow(2).sum(0)
+            self.count[i] = self.count.get(i, 0) + q.shape[0]
+        return hook
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+    def mean_square(self, i: int):
+        return None if i not in self.sums else (self.sums[i] / max(self.count[i], 1)).to(torch.float32)
+
+
+def _decoder_layers(model):
+    inner = getattr(model, "model", model)
+    return list(getattr(inner, "layers", []))
+
+
+def _channel_weights(model, layout, layer: int, kind: str, query_ms) -> torch.Tensor:
+    """Importance of each (kv head, channel) of one tensor, [H*D]; ones when the model hides its projections."""
+    heads, dim = layout.kv_heads, layout.head_dim
+    ones = torch.ones(heads * dim)
+    if kind == "keys":
+        if query_ms is None or query_ms.numel() % dim:
+            return ones
+        q = query_ms.reshape(-1, dim)                     # [Hq, D]
+        if dim % 2 == 0 and layout.has_rope:
+            q = (q + q.roll(dim // 2, -1)) / 2            # RoPE mixes channel i with i + d/2
+        w = q
+    else:
+        attn = getattr(_decoder_layers(model)[layer], "self_attn", None) if _decoder_layers(model) else None
+        o_proj = getattr(attn, "o_proj", None)
+        if o_proj is None or o_proj.weight.shape[1] % dim:
+            return ones
+        w = o_proj.weight.detach().to(torch.float32).pow(2).sum(0).reshape(-1, dim)  # [Hq, D]
+    q_heads = w.shape[0]
+    if q_heads % heads:
+        return ones
+    w = w.reshape(heads, q_heads // heads, dim).sum(1)  # GQA: the query heads that read each KV head
+    return w.reshape(-1).clamp_min(1e-12)
+
+
+def _set_tensor(cache, layer: int, kind: str, x_pre: torch.Tensor, layout, positions) -> None:
+    if kind == "keys" and layout.has_rope:
+        x_pre = apply_rope(x_pre, positions, torch.from_numpy(layout.inv_freq_array()), layout.rope_attention_scaling)
+    old = getattr(cache.layers[layer], kind)
+    setattr(cache.layers[layer], kind, x_pre[None].to(old.dtype))
+
+
+def _sensitivity(probe: QualityProbe, layout, part: LayerKindProfile, layer: int, kind: str, sinks: int, seed: int) -> float:
+    cache = clone_cache(probe.cache)
+    positions = torch.arange(probe.prompt_len)
+    x = _pre_rope(getattr(cache.layers[layer], kind)[0], kind, layout, positions)
+    body = x[:, sinks:]
+    inv_w = 1.0 / part.weights
+    sigma2 = (NOISE_RMS_FRACTION ** 2) * float(body.pow(2).mean()) / float(inv_w.mean())
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(body.shape[1], part.basis.shape[0], generator=g) * (sigma2 * inv_w).sqrt()
+    e = noise @ part.basis.T                               # KLT domain -> channels, [T, H*D]
+    y = x.clone()
+    y[:, sinks:] += e.reshape(body.shape[1], x.shape[0], x.shape[2]).permute(1, 0, 2)
+    _set_tensor(cache, layer, kind, y, layout, positions)
+    return max(probe.score(cache).mean_kl, 1e-12) / sigma2
+
+
+def calibrate(model, texts_or_token_ids, *, tokenizer=None, prompt_len: int = 2048, continuation_len: int = 256,
+              sink_tokens: int = DEFAULT_SINK_TOKENS, progress: bool = False) -> Profile:
+    """Calibrate a profile of ``model`` on real text (strings with ``tokenizer=``, or token-id sequences).
+
+    Each sequence contributes up to ``prompt_len`` tokens of statistics; sensitivities and
+    ``kl_gain`` are measured on every sequence with at least 64 + ``continuation_len`` + 1
+    tokens (the first one must have them).
+    """
+    from .codec import decode, encode, inspect  # late: codec imports the profile stages
+
+    seqs = _token_sequences(texts_or_token_ids, tokenizer)
+    if not isinstance(sink_tokens, int) or isinstance(sink_tokens, bool) or not 0 <= sink_tokens <= 64:
+        raise ConfigError(f"sink_tokens must be an int in [0, 64], got {sink_tokens!r}")
+    layout = layout_from_model(model)
+    n = layout.kv_heads * layout.head_dim
+    min_tokens = sink_tokens + 2 * n
+    if sum(max(0, min(len(s), prompt_len) - sink_tokens) for s in seqs) < min_tokens:
+        raise ConfigError(f"calibrate() needs at least {min_tokens} tokens after the sinks; got fewer")
+    probe_len = min(prompt_len, len(seqs[0]) - continuation_len - 1)
+    if probe_len < max(64, sink_tokens + 16):
+        raise ConfigError(f"the first calibration text needs at least {64 + continuation_len + 1} tokens "
+                          f"(sensitivities are measured on its continuation); it has {len(seqs[0])}")
+
+    # 1. statistics
+    sums = {(i, k): [0, torch.zeros(n, dtype=torch.float64), torch.zeros(n, n, dtype=torch.float64)]
+            for i in range(layout.layers) for k in KINDS}
+    cross_sums = {(i, k): torch.zeros(n, n, dtype=torch.float64) for i in range(1, layout.layers) for k in KINDS}
+    hooks = _QueryEnergy(model, sink_tokens)
+    try:
+        for ids in progress_bar(seqs, desc="calibrate: statistics", enabled=progress):
+            length = min(len(ids), prompt_len)
+            with torch.no_grad():
+                cache = model(ids[None, :length], use_cache=True).past_key_values
+            positions = torch.arange(length)
+            previous = {}
+            for i, layer in enumerate(cache.layers):
+                for kind in KINDS:
+                    # as a server stores it: fp16
+                    x = _pre_rope(getattr(layer, kind)[0].to(torch.float16), kind, layout, positions)
+                    rows = _rows(x)[sink_tokens:].to(torch.float64)
+                    s = sums[(i, kind)]
+                    s[0] += rows.shape[0]
+                    s[1] += rows.sum(0)
+                    s[2] += rows.T @ rows
+                    if i > 0:
+                        cross_sums[(i, kind)] += rows.T @ previous[kind]
+                    previous[kind] = rows
+    finally:
+        hooks.close()
+
+    parts = {}
+    for (i, kind), (count, sx, sxx) in sums.items():  # in layer order: layer i-1's part exists for cross
+        mean = sx / count
+        cov = sxx / count - torch.outer(mean, mean)
+        evals, evecs = torch.linalg.eigh(cov)
+        evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
+        ch_w = _channel_weights(model, layout, i, kind, hooks.mean_square(i)).to(torch.float64)
+        comp_w = (evecs.pow(2) * ch_w[:, None]).sum(0)
+        comp_w = comp_w / comp_w.mean()
+        cross = None
+        if i > 0:
+            # least squares z_i ~= A z_(i-1) in the two layers' KLT coordinates, where z_(i-1) is decorrelated:
+            # A = V_i^T C(x_i, x_(i-1)) V_(i-1) diag(1 / lambda_(i-1))
+            prev_count, prev_sx, _ = sums[(i - 1, kind)]
+            prev = parts[(i - 1, kind)]
+            c_cross = cross_sums[(i, kind)] / count - torch.outer(mean, prev_sx / prev_count)
+            lam = prev.eigvals.to(torch.float64)
+            ridge = 1e-6 * float(lam.max()) + 1e-30
+            cross = (evecs.T @ c_cross @ prev.basis.to(torch.float64)) / (lam + ridge)[None, :]
+            cross = cross.float().contiguous()
+        parts[(i, kind)] = LayerKindProfile(mean=mean.float(), basis=evecs.float().contiguous(), eigvals=evals.float(),
+                                            weights=comp_w.float().clamp_min(1e-6), sensitivity=1.0, cross=cross)
+
+    # 3. sensitivities: the mean over every text long enough for the protocol (texts differ by 2x)
+    probes = [QualityProbe(model, s[None], min(prompt_len, len(s) - continuation_len - 1), continuation_len)
+              for s in seqs if len(s) - continuation_len - 1 >= max(64, sink_tokens + 16)]
+    keys = sorted(parts)
+    jobs = [(p, key) for p in probes for key in keys]
+    sens = {key: [] for key in keys}
+    for j, (p, (i, kind)) in enumerate(progress_bar(jobs, desc="calibrate: sensitivity", enabled=progress)):
+        sens[(i, kind)].append(_sensitivity(p, layout, parts[(i, kind)], i, kind, sink_tokens, seed=j))
+    for key in keys:
+        parts[key].sensitivity = float(sum(sens[key]) / len(sens[key]))
+
+    info = {
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "sequences": len(seqs), "tokens": int(sum(min(len(s), prompt_len) for s in seqs)),
+        "prompt_len": prompt_len, "continuation_len": continuation_len,
+    }
+    profile = Profile(layout=layout, sink_tokens=sink_tokens, parts=parts, kl_gain=1.0, info=info)
+
+    # 4. the linear model's gain, on every text long enough for the protocol
+    gains = []
+    for p in progress_bar(probes, desc="calibrate: KL gain", enabled=progress):
+        for target in GAIN_PROBE_KL:
+            blob = encode(p.cache, model=model, profile=profile, target_kl=target, kl_margin=1.0)
+            predicted = inspect(blob)["rate_control"]["predicted_kl"]
+            true = p.score(decode(blob, profile=profile)).mean_kl
+            gains.append(true / max(predicted, 1e-12))
+    profile.kl_gain = float(max(gains))
+    profile.info["kl_gain_samples"] = [round(g, 4) for g in gains]
+    profile._bytes = None
+    return profile

@@ -1,0 +1,217 @@
+"""Model profiles: the calibrated, per-model side of the lossy codec.
+
+A profile holds, for every layer and kind (keys pre-RoPE, values):
+
+- ``mean`` and ``basis``: a KLT (PCA) over the concatenated KV heads of the layer,
+  components sorted by decreasing variance (``eigvals``);
+- ``weights``: the relative importance of each component (mean 1), from how
+  strongly the model's queries (keys) or output projection (values) read it;
+- ``sensitivity``: the model's mean KL per unit of white-noise power per element
+  added to that tensor, measured on real text;
+- ``cross`` (layers >= 1): the least-squares map from the previous layer's KLT
+  coefficients (same kind) to this layer's, for cross-layer prediction.
+
+plus ``kl_gain``, the measured ratio of true to predicted KL.  Profiles are
+shared by all caches of a model, like the weights; containers refer to one by
+its SHA-256 (``Profile.hash``) and decoding refuses any other profile.
+
+File format: a safetensors file (tensors ``layer.{i}.{kind}.{mean,basis,eigvals,weights}``
+and ``layer.{i}.{kind}.cross`` for i >= 1, float32) whose ``__metadata__`` has one key, ``seqkv_profile``, a JSON object
+(see ``docs/format.md``, "Profile files").  No pickle.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .errors import ConfigError, ModelMismatchError
+from .layout import ModelLayout
+
+PROFILE_FORMAT = "seqkv-profile"
+PROFILE_VERSION = 1
+KINDS = ("keys", "values")
+MAX_PROFILE_BYTES = 1 << 31
+MAX_METADATA_BYTES = 1 << 24
+
+
+class ProfileError(ConfigError):
+    """A profile file is malformed, of an unknown version, or inconsistent with itself."""
+
+
+class ProfileMismatchError(ModelMismatchError):
+    """A container needs a different profile than the one given (or one that was not given)."""
+
+
+@dataclass
+class LayerKindProfile:
+    mean: torch.Tensor       # [n] float32, n = kv_heads * head_dim
+    basis: torch.Tensor      # [n, n] float32, columns = components
+    eigvals: torch.Tensor    # [n] float32, variance of each component on the calibration text
+    weights: torch.Tensor    # [n] float32, relative importance, mean 1
+    sensitivity: float       # KL per unit noise power per element
+    cross: torch.Tensor | None = None  # [n, n]: z_layer ~= cross @ z_(layer-1) (same kind); None for layer 0
+
+    def steps(self, scale: float) -> torch.Tensor:
+        """Per-component quantizer steps for the global knob ``scale`` (equal weighted distortion slope)."""
+        return scale / torch.sqrt(self.sensitivity * self.weights).clamp_min(1e-12)
+
+
+@dataclass
+class Profile:
+    layout: ModelLayout
+    sink_tokens: int
+    parts: dict                       # (layer, kind) -> LayerKindProfile
+    kl_gain: float = 1.0              # true KL / linear-model KL, measured at calibration
+    info: dict = field(default_factory=dict)  # calibration facts (texts, tokens, date), for humans
+    _bytes: bytes | None = field(default=None, repr=False, compare=False)
+
+    # -- identity ---------------------------------------------------------------------------
+    def to_bytes(self) -> bytes:
+        if self._bytes is None:
+            from safetensors.torch import save
+
+            tensors = {}
+            for (layer, kind), p in sorted(self.parts.items()):
+                for name in ("mean", "basis", "eigvals", "weights", "cross"):
+                    if getattr(p, name) is not None:
+                        tensors[f"layer.{layer}.{kind}.{name}"] = getattr(p, name).to(torch.float32).contiguous()
+            meta = {
+                "format": PROFILE_FORMAT, "version": PROFILE_VERSION,
+                "model": self.layout.to_json(), "sink_tokens": self.sink_tokens, "kl_gain": self.kl_gain,
+                "sensitivity": {f"{layer}.{kind}": p.sensitivity for (layer, kind), p in sorted(self.parts.items())},
+                "info": self.info,
+            }
+            self._bytes = save(tensors, metadata={"seqkv_profile": json.dumps(meta, sort_keys=True)})
+        return self._bytes
+
+    @property
+    def hash(self) -> str:
+        return hashlib.sha256(self.to_bytes()).hexdigest()
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.to_bytes())
+
+    def ref(self) -> dict:
+        """What a container records about the profile it was encoded with."""
+        return {"sha256": self.hash, "bytes": self.nbytes}
+
+    def save(self, path: str | os.PathLike) -> None:
+        tmp = f"{os.fspath(path)}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(self.to_bytes())
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Profile":
+        try:
+            size = os.path.getsize(path)
+            if size > MAX_PROFILE_BYTES:
+                raise ProfileError(f"{path}: {size} bytes is over the {MAX_PROFILE_BYTES}-byte cap for profiles")
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            raise ProfileError(f"cannot read profile {path}: {exc}") from None
+        return cls.from_bytes(data, what=os.fspath(path))
+
+    @classmethod
+    def from_bytes(cls, data: bytes, what: str = "profile") -> "Profile":
+        meta, tensors = _read_safetensors(bytes(data), what)
+        if meta.get("format") != PROFILE_FORMAT:
+            raise ProfileError(f"{what}: not a seqkv profile (format {meta.get('format')!r})")
+        if meta.get("version") != PROFILE_VERSION:
+            raise ProfileError(f"{what}: profile version {meta.get('version')!r} is unknown to this seqkv "
+                               f"(it reads version {PROFILE_VERSION})")
+        try:
+            layout = ModelLayout.from_json(meta["model"])
+            sinks, gain = meta["sink_tokens"], float(meta["kl_gain"])
+            sens = {k: float(v) for k, v in meta["sensitivity"].items()}
+            info = dict(meta.get("info", {}))
+        except (KeyError, TypeError, ValueError, AttributeError, ConfigError) as exc:
+            raise ProfileError(f"{what}: invalid profile metadata: {exc}") from None
+        if not isinstance(sinks, int) or isinstance(sinks, bool) or not 0 <= sinks <= 1 << 20:
+            raise ProfileError(f"{what}: invalid sink_tokens {sinks!r}")
+        if not (math.isfinite(gain) and 0 < gain < 1e6):
+            raise ProfileError(f"{what}: invalid kl_gain {gain!r}")
+        n = layout.kv_heads * layout.head_dim
+        parts = {}
+        for layer in range(layout.layers):
+            for kind in KINDS:
+                key = f"layer.{layer}.{kind}"
+                try:
+                    p = LayerKindProfile(*(tensors[f"{key}.{name}"] for name in ("mean", "basis", "eigvals", "weights")),
+                                         sensitivity=sens[f"{layer}.{kind}"])
+                except KeyError as exc:
+                    raise ProfileError(f"{what}: missing {exc}") from None
+                if layer > 0:
+                    if f"{key}.cross" not in tensors:
+                        raise ProfileError(f"{what}: missing '{key}.cross'")
+                    p.cross = tensors[f"{key}.cross"]
+                    if tuple(p.cross.shape) != (n, n) or not bool(torch.isfinite(p.cross).all()):
+                        raise ProfileError(f"{what}: {key}.cross must be a finite [{n}, {n}] matrix")
+                shapes = [tuple(p.mean.shape), tuple(p.basis.shape), tuple(p.eigvals.shape), tuple(p.weights.shape)]
+                if shapes != [(n,), (n, n), (n,), (n,)]:
+                    raise ProfileError(f"{what}: {key} has shapes {shapes}, expected [{n}], [{n},{n}], [{n}], [{n}]")
+                if not all(bool(torch.isfinite(t).all()) for t in (p.mean, p.basis, p.eigvals, p.weights)):
+                    raise ProfileError(f"{what}: {key} holds NaN or Inf")
+                if not (math.isfinite(p.sensitivity) and p.sensitivity > 0) or bool((p.weights <= 0).any()):
+                    raise ProfileError(f"{what}: {key} has a non-positive sensitivity or weight")
+                # the decoder inverts the KLT with the transpose: the basis must be orthonormal
+                err = (p.basis.double().T @ p.basis.double() - torch.eye(n, dtype=torch.float64)).abs().max()
+                if float(err) > 1e-4:
+                    raise ProfileError(f"{what}: {key} basis is not orthonormal (error {float(err):.2g})")
+                parts[(layer, kind)] = p
+        return cls(layout=layout, sink_tokens=sinks, parts=parts, kl_gain=gain, info=info, _bytes=bytes(data))
+
+    # -- checks -------------------------------------------------------------------------------
+    def check_model(self, layout: ModelLayout) -> None:
+        self.layout.check_same_model(layout, what="profile")
+
+    def check_ref(self, ref) -> None:
+        """Raise ProfileMismatchError unless this profile is the one a container recorded."""
+        if not isinstance(ref, dict) or ref.get("sha256") != self.hash:
+            want = ref.get("sha256", "?") if isinstance(ref, dict) else "?"
+            raise ProfileMismatchError(
+                f"the container was encoded with profile sha256 {str(want)[:16]}…, but the given profile is "
+                f"{self.hash[:16]}…: pass the profile it was encoded with"
+            )
+
+    def predicted_kl(self, mse: dict) -> float:
+        """The linear model: kl_gain * sum over tensors of sensitivity * weighted MSE per element."""
+        return self.kl_gain * sum(self.parts[k].sensitivity * v for k, v in mse.items())
+
+
+def _read_safetensors(data: bytes, what: str):
+    """Parse a safetensors byte string by hand: bounded header, float32 tensors only."""
+    if len(data) < 8:
+        raise ProfileError(f"{what}: truncated ({len(data)} bytes)")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if header_len > min(MAX_METADATA_BYTES, len(data) - 8):
+        raise ProfileError(f"{what}: header length {header_len} is out of bounds")
+    try:
+        header = json.loads(data[8:8 + header_len])
+        meta = json.loads(header.pop("__metadata__")["seqkv_profile"])
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:
+        raise ProfileError(f"{what}: not a seqkv profile file ({exc})") from None
+    if not isinstance(meta, dict):
+        raise ProfileError(f"{what}: profile metadata is not an object")
+    body = memoryview(data)[8 + header_len:]
+    tensors = {}
+    for name, spec in header.items():
+        try:
+            dtype, shape, (begin, end) = spec["dtype"], [int(s) for s in spec["shape"]], spec["data_offsets"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ProfileError(f"{what}: bad tensor entry {name!r}: {exc}") from None
+        count = int(np.prod(shape)) if shape else 1
+        if dtype != "F32" or not (0 <= begin <= end <= len(body)) or end - begin != 4 * count:
+            raise ProfileError(f"{what}: tensor {name!r} is not a float32 tensor within the file")
+        arr = np.frombuffer(body[begin:end], dtype="<f4").astype(np.float32).reshape(shape)
+        tensors[name] = torch.from_numpy(arr)
+    return meta, tensors

@@ -1,0 +1,191 @@
+"""Rate control: pick the profile quantizer's one global knob (``scale``) to meet a target.
+
+Targets (exactly one):
+
+- ``target_kl``: the predicted mean KL of the continuation, from the profile's
+  linear model ``kl_gain * sum_t sensitivity_t * weighted_mse_t``.  The weighted
+  MSE of each tensor is measured on a token subsample of the actual quantization
+  error, so dead-zone components (reverse water-filling's "zero bits") count their
+  real error.  Bracketed secant on log(scale); ``kl_margin`` aims below the target.
+- ``bits_per_element`` / ``max_bytes``: real encodes, safeguarded secant on
+  log(bytes) vs log(scale).  ``max_bytes`` never returns a container over the budget.
+
+Steps within the scale follow the profile (equal weighted-distortion slope), so
+one number sets every layer's and component's step.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .errors import ConfigError, EncodeError
+from .stages.quantize_klt import MAX_SCALE, MIN_SCALE, component_steps, quantize_symbols
+
+DEFAULT_TARGET_KL = 0.01
+DEFAULT_KL_MARGIN = 1.0
+SUBSAMPLE_TOKENS = 128
+KL_SEARCH_STEPS = 30
+KL_TOLERANCE = 0.01         # target_kl: the predicted KL lands within 1 % below the goal
+BYTES_SEARCH_STEPS = 12
+BPE_TOLERANCE = 0.01        # bits_per_element: within 1 %
+MAX_BYTES_SLACK = 0.03      # max_bytes: at most 3 % under the budget when the search converges
+
+
+@dataclass(frozen=True)
+class RateTarget:
+    kind: str      # "kl", "bits_per_element", "max_bytes" or "scale"
+    value: float
+
+    def to_json(self) -> dict:
+        return {self.kind: self.value}
+
+
+def parse_target(target_kl=None, bits_per_element=None, max_bytes=None, scale=None) -> RateTarget:
+    given = {k: v for k, v in [("kl", target_kl), ("bits_per_element", bits_per_element),
+                               ("max_bytes", max_bytes), ("scale", scale)] if v is not None}
+    if len(given) > 1:
+        raise ConfigError(f"give one rate target, not {sorted(given)}")
+    kind, value = next(iter(given.items())) if given else ("kl", DEFAULT_TARGET_KL)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{kind} must be a finite number, got {value!r}")
+    bounds = {"kl": (1e-7, 100.0), "bits_per_element": (0.01, 32.0), "max_bytes": (1, 1 << 50), "scale": (MIN_SCALE, MAX_SCALE)}
+    lo, hi = bounds[kind]
+    if not lo <= value <= hi:
+        raise ConfigError(f"{kind}={value} is outside [{lo}, {hi}]")
+    return RateTarget(kind, float(value))
+
+
+def weighted_mse(z_body: torch.Tensor, part, scale: float, rounding: float, pred: torch.Tensor | None = None):
+    """(mean over elements of weight_c * (z - z_hat)^2, z_hat) for one tensor's KLT coefficients [H, T, D].
+
+    With ``pred`` (the cross-layer prediction), components whose residual has the smaller
+    variance are quantized as residuals, like the quantizer's choice by entropy."""
+    heads, tokens, dim = z_body.shape
+    if tokens == 0:
+        return 0.0, z_body
+    steps = component_steps(part, scale, heads, dim)
+    recon = quantize_symbols(z_body, steps, rounding) * steps[:, None, :]
+    if pred is not None:
+        use = ((z_body - pred).pow(2).mean(1) < z_body.pow(2).mean(1))[:, None, :]
+        recon_res = quantize_symbols(z_body - pred, steps, rounding) * steps[:, None, :] + pred
+        recon = torch.where(use, recon_res, recon)
+    w = part.weights.reshape(heads, dim)
+    return float(((z_body - recon).pow(2).mean(1) * w).mean()), recon
+
+
+def predicted_kl(profile, bodies: dict, scale: float, rounding: float, cross_layer: bool = False) -> float:
+    """The profile's KL model for quantizing ``bodies`` ({(layer, kind): [H, T, D]}, in layer order)."""
+    mse = {}
+    previous = {}
+    for (layer, kind), z in bodies.items():
+        part = profile.parts[(layer, kind)]
+        pred = None
+        prev = previous.get(kind)
+        if cross_layer and part.cross is not None and prev is not None and prev[0] == layer - 1:
+            heads, tokens, dim = z.shape
+            rows = prev[1].permute(1, 0, 2).reshape(tokens, -1)
+            pred = (rows @ part.cross.T).reshape(tokens, heads, dim).permute(1, 0, 2)
+        mse[(layer, kind)], recon = weighted_mse(z, part, scale, rounding, pred)
+        previous[kind] = (layer, recon)
+    return profile.predicted_kl(mse)
+
+
+def subsample(bodies: dict, tokens: int = SUBSAMPLE_TOKENS) -> dict:
+    out = {}
+    for key, z in bodies.items():
+        stride = max(1, z.shape[1] // tokens)
+        out[key] = z[:, ::stride].contiguous()
+    return out
+
+
+def scale_for_kl(profile, bodies: dict, target: float, rounding: float, margin: float = DEFAULT_KL_MARGIN,
+                 cross_layer: bool = False) -> float:
+    """The scale whose predicted KL (on a token subsample) is target * margin, within KL_TOLERANCE,
+    never above it.  Bracketed secant (Illinois) on log KL vs log scale: KL grows like scale^2."""
+    sample = subsample(bodies)
+    goal = math.log(target * margin)
+
+    def f(log_scale):
+        return math.log(max(predicted_kl(profile, sample, math.exp(log_scale), rounding, cross_layer), 1e-300)) - goal
+
+    lo, hi = math.log(MIN_SCALE), math.log(10.0)
+    f_lo, f_hi = f(lo), f(hi)
+    if f_lo > 0:
+        raise EncodeError(f"target_kl={target} is below what the finest quantizer step reaches")
+    if f_hi <= 0:
+        return math.exp(hi)
+    side = 0
+    for _ in range(KL_SEARCH_STEPS):
+        x = (lo * f_hi - hi * f_lo) / (f_hi - f_lo)
+        fx = f(x)
+        if fx <= 0:
+            lo, f_lo = x, fx
+            if side == -1:
+                f_hi /= 2
+            side = -1
+            if fx > -math.log1p(KL_TOLERANCE):
+                break
+        else:
+            hi, f_hi = x, fx
+            if side == 1:
+                f_lo /= 2
+            side = 1
+    return math.exp(lo)
+
+
+def scale_for_size(encode_at, goal_bytes: float, start_scale: float, exact_cap: bool):
+    """Search the scale whose container is ``goal_bytes`` long (bytes fall as the scale grows).
+
+    ``encode_at(scale) -> bytes``.  A safeguarded secant on log(bytes) vs log(scale), kept
+    inside the bracket of what was tried.  With ``exact_cap`` the result never exceeds the
+    goal (EncodeError when even the coarsest scale does).  Returns (scale, blob).
+    """
+    lo_limit, hi_limit = math.log(MIN_SCALE), math.log(MAX_SCALE)
+    tried = {}  # log scale -> blob
+
+    def size(log_scale):
+        log_scale = min(max(log_scale, lo_limit), hi_limit)
+        if log_scale not in tried:
+            tried[log_scale] = encode_at(math.exp(log_scale))
+        return log_scale, len(tried[log_scale])
+
+    def done() -> bool:
+        if exact_cap:
+            fits = [len(b) for b in tried.values() if len(b) <= goal_bytes]
+            return bool(fits) and goal_bytes - max(fits) <= MAX_BYTES_SLACK * goal_bytes
+        return any(abs(len(b) - goal_bytes) <= BPE_TOLERANCE * goal_bytes for b in tried.values())
+
+    x0, b0 = size(math.log(start_scale))
+    x1, b1 = size(x0 + (0.7 if b0 > goal_bytes else -0.7))
+    for _ in range(BYTES_SEARCH_STEPS):
+        if done():
+            break
+        too_big = [x for x, b in tried.items() if len(b) > goal_bytes]    # the scale must grow past these
+        small_enough = [x for x, b in tried.items() if len(b) <= goal_bytes]
+        lo = max(too_big) if too_big else lo_limit
+        hi = min(small_enough) if small_enough else hi_limit
+        if lo >= hi_limit or hi <= lo_limit:
+            break  # the goal lies beyond the quantizer's range
+        nxt = None
+        if b1 != b0 and x1 != x0:
+            slope = (math.log(b1) - math.log(b0)) / (x1 - x0)
+            if slope < -1e-3:
+                nxt = x1 + (math.log(goal_bytes) - math.log(b1)) / slope
+        if nxt is None or not lo < nxt < hi or nxt in tried:
+            if too_big and small_enough:
+                nxt = (lo + hi) / 2
+            else:
+                nxt = lo + 2.0 if too_big else hi - 2.0
+        x0, b0 = x1, b1
+        x1, b1 = size(nxt)
+    if exact_cap:
+        fits = [(x, b) for x, b in tried.items() if len(b) <= goal_bytes]
+        if not fits:
+            raise EncodeError(f"max_bytes={int(goal_bytes)} is below the smallest container this cache can have "
+                              f"({min(len(b) for b in tried.values())} bytes at the coarsest step tried)")
+        x, blob = max(fits, key=lambda xb: len(xb[1]))
+        return math.exp(x), blob
+    x, blob = min(tried.items(), key=lambda xb: abs(len(xb[1]) - goal_bytes))
+    return math.exp(x), blob
