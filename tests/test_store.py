@@ -556,3 +556,56 @@ def test_store_payload_is_refused_by_plain_decode(where):
         _, payload = _unpack_entry(store.backend.get(key), key)
         with pytest.raises(seqkv.DecodeError):
             seqkv.decode(payload)
+
+
+def test_boundary_tokens_start_chunks_so_a_whole_message_is_a_near_duplicate(where):
+    model = tiny_model("llama")
+    gen = torch.Generator().manual_seed(8)
+    message = [0] + torch.randint(1, 96, (30,), generator=gen).tolist()  # token 0 opens every message
+    a = [0, 5, 6, 7, 8, 9] + message
+    b = [0, 11, 12, 13] + message
+    with torch.no_grad():
+        ca, cb = (model(torch.tensor([x]), use_cache=True).past_key_values for x in (a, b))
+    with where.open(chunking="content", boundary_tokens=[0]) as store:
+        assert (len(a) - len(message)) in [s for s, _ in store.bounds_for(a)]
+        with where.open(chunking="content") as plain:
+            assert store.keys_for(a) != plain.keys_for(a)  # part of the namespace
+        store.put(a, ca)
+        put_b = store.put(b, cb)
+        assert put_b["chunks_residual"] == len([1 for s, _ in store.bounds_for(b) if s >= len(b) - len(message)])
+        n, got = store.longest_prefix(b)
+        assert n == len(b)
+        assert_bit_exact(got, cb)
+    with pytest.raises(seqkv.ConfigError):
+        where.open(boundary_tokens=[0])  # fixed chunks have no boundary tokens
+
+
+def test_stale_reference_records_are_dropped_young_ones_kept(where):
+    from seqkv.store.prefix_store import _ref_nonce
+
+    (a, ca), (b, cb) = _doc_sessions()
+    with where.open(chunking="content") as store:
+        residuals = _put_pair(store, a, ca, b, cb)
+        base = next(iter(residuals.values()))["base"]
+        ghost = "f" * 64  # a writer that took a reference and crashed before writing its entry
+        old = f"{ghost}.{(int(_ref_nonce()[:11], 16) - 7_200_000):011x}00000"
+        young = f"{'e' * 64}.{_ref_nonce()}"
+        store.backend.add_ref(base, old)
+        store.backend.add_ref(base, young)
+        assert store.drop_stale_refs(older_than=3600) == 1
+        refs = store.backend.refs(base)
+        assert old not in refs and young in refs
+        assert all(h["base_ref"] in store.backend.refs(h["base"]) for h in residuals.values())
+
+
+def test_entry_of_the_previous_envelope_version_is_a_miss_then_rewritten(where):
+    ids, cache = make_cache(8, seed=31)
+    with where.open() as store:
+        (key,) = store.keys_for(ids)
+        old = _pack_entry({"v": 1, "key": key, "token_ids": ids, "positions": list(range(8))}, b"old container")
+        store.backend.put_if_absent(key, old)
+        assert store.longest_prefix(ids) == (0, None)
+        assert store.put(ids, cache)["chunks_written"] == 1
+        n, got = store.longest_prefix(ids)
+        assert n == 8
+        assert_bit_exact(got, cache)

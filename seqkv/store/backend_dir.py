@@ -223,6 +223,14 @@ class DirBackend(Backend):
         except OSError as exc:
             raise StorageError(f"cannot list side records {folder}: {exc}") from exc
 
+    def ref_bases(self) -> list:
+        try:
+            return sorted(n for n in os.listdir(os.path.join(self.meta_dir, "refs")) if _KEY_RE.match(n))
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise StorageError(f"cannot list reference records: {exc}") from exc
+
     # -- eviction protocol ---------------------------------------------------------------------
     def hide(self, key: str):
         token = os.path.join(self.limbo_dir, f"{key}.{time.time_ns()}.{os.getpid()}")

@@ -160,6 +160,12 @@ class RedisBackend(Backend):
         members = self._call("SMEMBERS", self.client.smembers, self._refs_key(base))
         return sorted(m.decode() if isinstance(m, bytes) else m for m in members)
 
+    def ref_bases(self) -> list:
+        pattern = f"{self.prefix}refs:*"
+        names = self._call("SCAN", lambda: list(self.client.scan_iter(match=pattern, count=1000)))
+        cut = len(self.prefix) + len("refs:")
+        return sorted((n.decode() if isinstance(n, bytes) else n)[cut:] for n in names)
+
     # -- eviction protocol ---------------------------------------------------------------------
     def hide(self, key: str):
         token = f"{self.prefix}limbo:{key}:{time.time_ns()}"

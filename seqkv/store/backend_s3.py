@@ -170,6 +170,10 @@ class S3Backend(Backend):
         base = f"{self.prefix}meta/{folder}/"
         return sorted(o["Key"][len(base):] for o in self._list_objects(base))
 
+    def ref_bases(self) -> list:
+        base = f"{self.prefix}meta/refs/"
+        return sorted({o["Key"][len(base):].split("/", 1)[0] for o in self._list_objects(base)} - {""})
+
     # -- eviction protocol ---------------------------------------------------------------------
     def hide(self, key: str):
         token = f"{self.prefix}limbo/{key}.{time.time_ns()}"

@@ -41,22 +41,35 @@ def _window_hashes(ids: np.ndarray) -> np.ndarray:
     return h
 
 
-def chunk_bounds(ids: np.ndarray, chunk_tokens: int, chunking: str = "fixed") -> list[tuple[int, int]]:
-    """[start, end) of every chunk of the token ids, the last partial one included."""
+def chunk_bounds(ids: np.ndarray, chunk_tokens: int, chunking: str = "fixed",
+                 boundary_tokens=()) -> list[tuple[int, int]]:
+    """[start, end) of every chunk of the token ids, the last partial one included.
+
+    ``boundary_tokens`` (content chunking only): a chunk also ends before every occurrence of one of these
+    ids, whatever its size (e.g. the chat template's message-start token, so that a message starts a chunk
+    and the same message after other turns is cut the same way from its first token)."""
     n = len(ids)
     if chunking == "fixed":
+        if len(boundary_tokens):
+            raise ConfigError("boundary_tokens need chunking='content'")
         return [(s, min(s + chunk_tokens, n)) for s in range(0, n, chunk_tokens)]
     if chunking != "content":
         raise ConfigError(f"chunking must be one of {CHUNKINGS}, got {chunking!r}")
+    ids = np.asarray(ids)
     lo, hi = max(1, chunk_tokens // 4), max(1, 2 * chunk_tokens)
     modulus = np.uint64(max(1, chunk_tokens - chunk_tokens // 4))
-    cut = (_window_hashes(np.asarray(ids)) % modulus) == 0 if n else np.zeros(0, bool)
-    out, s = [], 0
+    cut = (_window_hashes(ids) % modulus) == 0 if n else np.zeros(0, bool)
+    forced = np.flatnonzero(np.isin(ids, np.asarray(list(boundary_tokens), dtype=np.int64))) if len(boundary_tokens) else []
+    out, s, f = [], 0, 0
     while s < n:
         e = min(s + hi, n)
         hits = np.flatnonzero(cut[s + lo - 1:e - 1]) if s + lo - 1 < e - 1 else []
         if len(hits):
             e = s + lo + int(hits[0])
+        while f < len(forced) and forced[f] <= s:
+            f += 1
+        if f < len(forced) and forced[f] < e:
+            e = int(forced[f])  # a chunk ends right before a boundary token
         out.append((s, e))
         s = e
     return out

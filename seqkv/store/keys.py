@@ -19,16 +19,18 @@ _INT32_MIN, _INT32_MAX = -(1 << 31), (1 << 31) - 1
 
 
 def namespace(*, fingerprint: str, dtype: str, preset: str, chunk_tokens: int, weights_digest: str = "",
-              chunking: str = "fixed", codec_options=None) -> bytes:
-    """The canonical namespace bytes mixed into every key.  ``chunking`` and ``codec_options`` (the
-    encode options on top of the preset) appear only when they differ from the defaults, so the keys of
-    fixed-chunk default-preset stores are unchanged."""
+              chunking: str = "fixed", codec_options=None, boundary_tokens=()) -> bytes:
+    """The canonical namespace bytes mixed into every key.  ``chunking``, ``codec_options`` (the encode
+    options on top of the preset) and ``boundary_tokens`` appear only when they differ from the defaults,
+    so the keys of fixed-chunk default-preset stores are unchanged."""
     fields = {"v": NAMESPACE_VERSION, "model": fingerprint, "weights": weights_digest, "dtype": dtype,
               "preset": preset, "chunk_tokens": int(chunk_tokens)}
     if chunking != "fixed":
         fields["chunking"] = chunking
     if codec_options:
         fields["codec"] = codec_options
+    if len(boundary_tokens):
+        fields["boundary_tokens"] = sorted(int(t) for t in boundary_tokens)
     return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode("utf-8")
 
 

@@ -116,6 +116,10 @@ class Backend:
     def refs(self, base: str) -> list:
         return self.meta_list(f"refs/{base}")
 
+    def ref_bases(self) -> list:
+        """Keys that have reference records."""
+        raise NotImplementedError
+
     # the near-duplicate index: content hash of a chunk's tokens -> key of a stored chunk with them
     def content_get(self, digest: str):
         data = self.meta_get(f"content/{digest}")
@@ -225,6 +229,26 @@ def _unpack_entry(data: bytes, key: str):
     return header, payload
 
 
+def _ref_nonce() -> str:
+    """16 hex digits: the creation time in milliseconds (11) and 20 random bits (5); gc reads the age."""
+    return f"{int(time.time() * 1000) & 0xFFFFFFFFFFF:011x}{os.urandom(3).hex()[:5]}"
+
+
+def _ref_age(ref_id: str, now: float) -> float:
+    return now - int(ref_id.rsplit(".", 1)[1][:11], 16) / 1000.0
+
+
+def _envelope_version(data: bytes):
+    """The envelope version of ``data``, or None when it is not readable as an envelope."""
+    try:
+        (n,) = struct.unpack_from("<I", data, len(MAGIC))
+        if not bytes(data[:len(MAGIC)]) == MAGIC or n > MAX_HEADER_BYTES:
+            return None
+        return json.loads(bytes(data[len(MAGIC) + 4:len(MAGIC) + 4 + n]).decode("utf-8")).get("v")
+    except (struct.error, UnicodeDecodeError, ValueError, AttributeError):
+        return None
+
+
 def _positions_digest(pos) -> str:
     return hashlib.sha256(b"seqkv-positions\x00" + np.asarray(pos, dtype="<i8").tobytes()).hexdigest()
 
@@ -239,7 +263,9 @@ class PrefixStore:
 
     * ``preset`` and ``codec_options`` (encode options such as ``step``) pick the codec; or pass a full
       ``pipeline_config`` (e.g. a calibrated profile's) instead.  All of it is part of every key.
-    * ``chunk_tokens``, ``chunking`` ("fixed" or "content", see :mod:`seqkv.store.chunking`).
+    * ``chunk_tokens``, ``chunking`` ("fixed" or "content", see :mod:`seqkv.store.chunking`) and, with
+      content chunking, ``boundary_tokens`` (ids a chunk always ends before, e.g. the chat template's
+      message-start token).
     * ``near_duplicates``: code chunks stored under another prefix as residuals (default True).
     * ``token_trie`` (a ``seqkv_ext.trie.TokenTrie``) and ``vocab_size``: entropy-code each entry's token
       ids with the trie's probabilities (a shared profile: readers of the ids need the same trie);
@@ -252,7 +278,8 @@ class PrefixStore:
 
     def __init__(self, url: str, *, model=None, preset: str = "lossless", chunk_tokens: int = 256,
                  max_bytes=None, fsync: bool = False, chunking: str = "fixed", near_duplicates: bool = True,
-                 codec_options=None, pipeline_config=None, token_trie=None, vocab_size=None, **backend_options):
+                 codec_options=None, pipeline_config=None, token_trie=None, vocab_size=None, boundary_tokens=None,
+                 **backend_options):
         from seqkv_ext.trie import TokenTrie
 
         from ..codec import _Pipeline
@@ -268,6 +295,11 @@ class PrefixStore:
             raise ConfigError(f"max_bytes must be None or a non-negative integer, got {max_bytes!r}")
         if chunking not in CHUNKINGS:
             raise ConfigError(f"chunking must be one of {CHUNKINGS}, got {chunking!r}")
+        boundary_tokens = [] if boundary_tokens is None else list(boundary_tokens)
+        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in boundary_tokens):
+            raise ConfigError("boundary_tokens must be a list of token ids")
+        if boundary_tokens and chunking != "content":
+            raise ConfigError("boundary_tokens need chunking='content'")
         if codec_options is not None and not isinstance(codec_options, dict):
             raise ConfigError("codec_options must be a dict of encode options")
         if pipeline_config is not None:
@@ -292,6 +324,7 @@ class PrefixStore:
         self.chunk_tokens = chunk_tokens
         self.chunking = chunking
         self.near_duplicates = bool(near_duplicates)
+        self.boundary_tokens = sorted(set(boundary_tokens))
         self.max_bytes = max_bytes
         self.token_trie = token_trie
         self.vocab_size = vocab_size
@@ -311,12 +344,12 @@ class PrefixStore:
     def namespace(self, dtype: str) -> bytes:
         return _keys.namespace(fingerprint=self.fingerprint, weights_digest=self.weights_digest, dtype=dtype,
                                preset=self.preset, chunk_tokens=self.chunk_tokens, chunking=self.chunking,
-                               codec_options=self.codec_options)
+                               codec_options=self.codec_options, boundary_tokens=self.boundary_tokens)
 
     def bounds_for(self, token_ids) -> list:
         from .chunking import chunk_bounds
 
-        return chunk_bounds(_keys.token_array(token_ids), self.chunk_tokens, self.chunking)
+        return chunk_bounds(_keys.token_array(token_ids), self.chunk_tokens, self.chunking, self.boundary_tokens)
 
     def keys_for(self, token_ids, dtype: str = "float32") -> list:
         """The hex key of every chunk of ``token_ids`` (deterministic across processes and machines)."""
@@ -535,7 +568,7 @@ class PrefixStore:
         if self.near_duplicates:
             candidate = self.backend.content_get(content)
             if candidate is not None and candidate != key:
-                ref_id = f"{key}.{os.urandom(8).hex()}"
+                ref_id = f"{key}.{_ref_nonce()}"
                 # the reference record goes first: an evictor that hides the base afterwards sees it
                 self.backend.add_ref(candidate, ref_id)
                 try:
@@ -581,6 +614,10 @@ class PrefixStore:
         bounds = self.bounds_for(ids)
         for i, ((s, e), key) in enumerate(zip(bounds, _keys.chain_keys(ids, ns, bounds))):
             data = self.backend.get(key)
+            if data is not None and _envelope_version(data) == 1:
+                # written by seqkv before envelope v2 (no residuals): moved aside as a miss, rewritten by a put
+                self.backend.quarantine(key)
+                data = None
             if data is None:
                 break
             verdict, header, payload = self._check(data, key, ns_digest, ids, s, e, _positions_digest(pos[s:e]), i)
@@ -705,11 +742,38 @@ class PrefixStore:
         self.backend.delete_score(key)
         return True
 
-    def gc(self, max_bytes=None) -> dict:
+    def drop_stale_refs(self, older_than: float = 3600.0) -> int:
+        """Remove reference records older than ``older_than`` seconds whose referrer is not stored (a writer
+        that crashed between taking the reference and writing its entry, or an entry quarantined since).
+        Younger records are kept: their writer may still be encoding."""
+        now, dropped = time.time(), 0
+        for base in self.backend.ref_bases():
+            for ref_id in self.backend.refs(base):
+                try:
+                    if _ref_age(ref_id, now) <= older_than:
+                        continue
+                except (ValueError, IndexError):
+                    pass  # not a name this version writes: judge it by its referrer alone
+                referrer = ref_id.split(".", 1)[0]
+                data = self.backend.get(referrer)
+                alive = False
+                if data is not None:
+                    try:
+                        header, _ = _unpack_entry(data, referrer)
+                        alive = header.get("base") == base and header.get("base_ref") == ref_id
+                    except ValueError:
+                        alive = True  # let the read path quarantine it first
+                if not alive and self.backend.remove_ref(base, ref_id):
+                    dropped += 1
+        return dropped
+
+    def gc(self, max_bytes=None, *, stale_refs_after: float = 3600.0) -> dict:
         """Evict entries until the store holds at most ``max_bytes`` (default: the store's budget): lowest
         expected reuse (trie count of the entry's prefix) first, least recently used among equals; never
-        a base that a residual still references.  Evicting a chunk only shortens later matches."""
+        a base that a residual still references.  Evicting a chunk only shortens later matches.  Reference
+        records left by crashed writers are dropped first (:meth:`drop_stale_refs`)."""
         budget = self.max_bytes if max_bytes is None else max_bytes
+        stale = self.drop_stale_refs(stale_refs_after) if stale_refs_after is not None else 0
         entries = self.backend.list()
         total = sum(size for _, size, _ in entries)
         evicted = freed = 0
@@ -733,7 +797,8 @@ class PrefixStore:
                         left.append(item)
                 remaining = left
         self._count(evicted=evicted)
-        return {"evicted": evicted, "bytes_freed": freed, "bytes_stored": total, "entries": len(entries) - evicted}
+        return {"evicted": evicted, "bytes_freed": freed, "bytes_stored": total, "entries": len(entries) - evicted,
+                "stale_refs_dropped": stale}
 
     def stats(self) -> dict:
         """Entries and bytes in the backend, and this store object's counters."""
