@@ -20,6 +20,9 @@ Stored, in this order, into three stores (directory backend, content-defined chu
 * (c) near-duplicate reuse: PrefixStore(near_duplicates=True), the same codec;
 * recompute tier: only the token ids (trie-coded), the KV rebuilt by prefill on load.
 
+Chunks are content-defined (about --chunk-tokens tokens) and, unless --no-message-boundaries, a chunk also
+starts at every ``<|im_start|>`` token, so that a message is cut the same way in every session.
+
 Quality (design §5): each session's stored cache is read back from store (c) (and (b)), then the next
 C=256 tokens of the document are teacher-forced with positions continuing at P = the session's length,
 against the same run on the uncompressed fp16 cache; mean KL(p_ref || p_codec) over the C positions.
@@ -152,6 +155,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "sessions"), help="writes OUT.md and OUT.json")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--sessions", type=int, default=SESSIONS, help="fewer sessions for a smoke run")
+    ap.add_argument("--no-message-boundaries", action="store_true",
+                    help="do not start a chunk at every <|im_start|> (content-defined boundaries only)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
@@ -159,6 +164,8 @@ def main(argv=None) -> int:
     layout = {"layers": model.config.num_hidden_layers, "kv_heads": model.config.num_key_value_heads,
               "head_dim": model.config.head_dim}
     store_kw = {"model": model, "chunk_tokens": args.chunk_tokens, "chunking": "content"}
+    if not args.no_message_boundaries:
+        store_kw["boundary_tokens"] = [tok.convert_tokens_to_ids("<|im_start|>")]
     if args.pipeline_config:
         with open(args.pipeline_config) as f:
             store_kw["pipeline_config"] = json.load(f)
@@ -181,6 +188,8 @@ def main(argv=None) -> int:
         exact = PrefixStore(store_url(root, "exact"), near_duplicates=False, **store_kw)
         near = PrefixStore(store_url(root, "near"), near_duplicates=True, **store_kw)
         recompute_chunks: dict = {}
+        warm = TokenTrie()  # the recompute tier with a growing token model: session k coded with sessions < k
+        warm_bytes = 0
         for s in sessions:
             ids = torch.tensor([s["ids"]])
             P = ids.shape[1]
@@ -227,6 +236,10 @@ def main(argv=None) -> int:
                 model(torch.tensor([back]), use_cache=True)
             row["recompute_load_seconds"] = time.perf_counter() - t0
             row["recompute_session_token_bytes"] = len(coded)
+            warm_coded = encode_tokens(s["ids"], warm, vocab)
+            warm_bytes += len(warm_coded)
+            row["recompute_warm_token_bytes"] = len(warm_coded)
+            warm.insert(s["ids"])
             rows.append(row)
             print(f"session {s['index']:2d} {s['doc']:22s} P={P:5d}  exact {row['exact_bytes_written']:>9d} B "
                   f"KL {row['exact_mean_kl']:.5f} | near {row['near_bytes_written']:>9d} B "
@@ -265,6 +278,8 @@ def main(argv=None) -> int:
         "recompute_bytes": recompute_bytes, "ratio_recompute": raw / recompute_bytes,
         "recompute_per_session_token_bytes": sum(r["recompute_session_token_bytes"] for r in rows),
         "zstd3_per_session_id_bytes": zstd_session_ids,
+        "recompute_warm_bytes": warm_bytes,
+        "message_boundaries": not args.no_message_boundaries,
         "mean_load_seconds_near": float(np.mean([r["near_load_seconds"] for r in rows])),
         "mean_load_seconds_exact": float(np.mean([r["exact_load_seconds"] for r in rows])),
         "mean_load_seconds_recompute": float(np.mean([r["recompute_load_seconds"] for r in rows])),
@@ -286,7 +301,8 @@ def render(s: dict, rows: list) -> str:
            f"Written by `{s['command']}` (seqkv {s['environment']['seqkv']}, torch {s['environment']['torch']}, "
            f"{s['environment']['threads']} torch thread, {s['environment']['machine']}, {s['environment']['cpus']} CPUs; "
            f"{s['total_seconds']:.0f} s in all). The workload and protocol are described in the script's docstring.\n",
-           f"Codec: {s['codec']}; content-defined chunks of about {s['chunk_tokens']} tokens; caches stored as float16; "
+           f"Codec: {s['codec']}; content-defined chunks of about {s['chunk_tokens']} tokens"
+           f"{' (and a chunk starts at every <|im_start|>)' if s['message_boundaries'] else ''}; caches stored as float16; "
            f"{s['sessions']} sessions, {s['tokens']} tokens in all; quality: C={s['continuation']} teacher-forced "
            "tokens of the document's real continuation, positions continuing at P.\n",
            "## Totals\n",
@@ -308,7 +324,9 @@ def render(s: dict, rows: list) -> str:
            f"text, reported separately and not counted above) vs {s['entry_token_bits_per_token_zstd3']:.2f} bits/token "
            "for zstd-3 of the same chunks' ids as int32. Recompute tier: every session's whole id sequence trie-coded is "
            f"{s['recompute_per_session_token_bytes']} bytes ({s['zstd3_per_session_id_bytes']} with zstd-3); with exact "
-           f"prefixes shared as chunks, {s['recompute_bytes']} bytes.\n",
+           f"prefixes shared as chunks, {s['recompute_bytes']} bytes. With a warm token model instead (session k "
+           f"coded with a trie of sessions 0..k-1, which a reader must rebuild in the same order): "
+           f"{s['recompute_warm_bytes']} bytes, {8 * s['recompute_warm_bytes'] / s['tokens']:.2f} bits/token.\n",
            "## Per session\n",
            "| session | doc | earlier turns | P | doc starts at | fp16 bytes | (b) bytes written | (b) KL | (c) bytes written | "
            "(c) residual chunks | (c) KL | (c) top-1 | load s | recompute s |",
