@@ -317,6 +317,10 @@ def _open_store(args, model=None):
         kw["preset"] = args.preset
     if hasattr(args, "chunk_tokens"):
         kw["chunk_tokens"] = args.chunk_tokens
+    if getattr(args, "chunking", None):
+        kw["chunking"] = args.chunking
+    if getattr(args, "step", None) is not None:
+        kw["codec_options"] = {"step": args.step}
     return PrefixStore(args.url, model=model, **kw, **_backend_options(args.backend_option))
 
 
@@ -390,6 +394,10 @@ def _add_store_parser(sub) -> None:
                            help="the store's preset (part of every key; default lossless)")
             q.add_argument("--chunk-tokens", type=int, default=256,
                            help="tokens per stored chunk (part of every key; default 256)")
+            q.add_argument("--chunking", default="fixed", choices=["fixed", "content"],
+                           help="chunk boundaries: every --chunk-tokens tokens, or content-defined so that a document "
+                                "after other turns is found again as a near-duplicate (part of every key; default fixed)")
+            q.add_argument("--step", type=float, help="quantizer step of a lossy preset (part of every key)")
 
     sp = ssub.add_parser("put", help="prefill a text with the embedded model and store its cache")
     common(sp, model=True)
@@ -406,7 +414,8 @@ def _add_store_parser(sub) -> None:
     common(ss, model=False)
     ss.set_defaults(func=cmd_store_stats)
 
-    sc = ssub.add_parser("gc", help="evict least-recently-used entries down to --max-bytes")
+    sc = ssub.add_parser("gc", help="evict entries down to --max-bytes: lowest expected reuse, then least recently "
+                                    "used; never a referenced residual base")
     common(sc, model=False)
     sc.add_argument("--max-bytes", type=int, required=True)
     sc.set_defaults(func=cmd_store_gc)

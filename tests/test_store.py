@@ -247,7 +247,7 @@ def test_concurrent_writers_lose_nothing_and_duplicate_nothing(where, tmp_path):
             assert not os.listdir(store.backend.tmp_dir)
 
 
-def test_byte_budget_is_honoured_and_evicts_chain_tails_first(where):
+def test_byte_budget_is_honoured_and_evicts_chain_tails_and_rarely_seen_prefixes_first(where):
     ids, cache = make_cache(40)
     with where.open() as probe:
         entry_bytes = probe.put(ids[:8], slice_cache(cache, 0, 8))["bytes_written"]
@@ -265,9 +265,11 @@ def test_byte_budget_is_honoured_and_evicts_chain_tails_first(where):
         ids2, cache2 = make_cache(24, seed=9)
         store.put(ids2, cache2)
         assert store.stats()["bytes_stored"] <= budget
-        n, got = store.longest_prefix(ids2)
-        assert n == 16 and store.longest_prefix(ids)[0] in (0, 8, 16)
-        assert_bit_exact(got, slice_cache(cache2, 0, 16))
+        # expected reuse: ids was seen twice (put + lookup), ids2 once, so ids2's chunks go first
+        n, got = store.longest_prefix(ids)
+        assert n == 16
+        assert_bit_exact(got, slice_cache(cache, 0, 16))
+        assert store.longest_prefix(ids2) == (0, None)
 
 
 def test_keys_deterministic_across_processes():
@@ -312,3 +314,298 @@ def test_lossy_preset_round_trip(where):
             assert gk.shape == wk.shape
             assert float((gk - wk).abs().max()) < 0.25 * float(wk.abs().max())
             assert float((gv - wv).abs().max()) < 0.25 * float(wv.abs().max())
+
+
+# -- near-duplicate reuse, references, eviction by expected reuse, token ids ------------------------------
+
+def _doc_sessions(doc_tokens: int = 48, seed: int = 5):
+    """Two token sequences holding the same document after different preceding tokens, and their caches."""
+    model = tiny_model("llama")
+    gen = torch.Generator().manual_seed(seed)
+    doc = torch.randint(0, 96, (doc_tokens,), generator=gen).tolist()
+    a = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5] + doc
+    b = [2, 7, 1, 8] + doc
+    with torch.no_grad():
+        ca = model(torch.tensor([a]), use_cache=True).past_key_values
+        cb = model(torch.tensor([b]), use_cache=True).past_key_values
+    return (a, ca), (b, cb)
+
+
+def _residual_entries(store):
+    out = {}
+    for key, _, _ in store.backend.list():
+        header, _ = _unpack_entry(store.backend.get(key), key)
+        if header["base"] is not None:
+            out[key] = header
+    return out
+
+
+def _put_pair(store, a, ca, b, cb) -> dict:
+    """Store a, then b (whose document chunks become residuals against a's); b's residual entries."""
+    store.put(a, ca)
+    store.put(b, cb)
+    return _residual_entries(store)
+
+
+def test_near_duplicate_chunks_are_residuals_and_round_trip_bit_exact(where):
+    (a, ca), (b, cb) = _doc_sessions()
+    with where.open(chunking="content") as store:
+        assert store.put(a, ca)["chunks_residual"] == 0
+        put_b = store.put(b, cb)
+        assert put_b["chunks_residual"] >= 2 and put_b["residual_bytes_saved"] > 0
+        for ids, cache in ((b, cb), (a, ca)):
+            n, got = store.longest_prefix(ids)
+            assert n == len(ids)
+            assert_bit_exact(got, cache)
+        residuals = _residual_entries(store)
+        assert len(residuals) == put_b["chunks_residual"]
+        for key, header in residuals.items():
+            assert store.backend.exists(header["base"])
+            assert header["base_ref"] in store.backend.refs(header["base"])
+            assert store.tokens_of(key) == store.tokens_of(header["base"])  # the residual carries no ids of its own
+
+
+def test_near_duplicate_lossy_is_never_larger_and_as_accurate(where):
+    (a, ca), (b, cb) = _doc_sessions()
+    url_exact = Where(where.kind, where.url + ("x" if where.kind != "redis" else ""), dict(where.options))
+    if where.kind == "redis":
+        url_exact.options["key_prefix"] = where.options["key_prefix"] + "x:"
+    with where.open(chunking="content", preset="balanced") as near, \
+            url_exact.open(chunking="content", preset="balanced", near_duplicates=False) as exact:
+        near.put(a, ca)
+        exact.put(a, ca)
+        nb, eb = near.put(b, cb), exact.put(b, cb)
+        assert nb["chunks_residual"] >= 2 and eb["chunks_residual"] == 0
+        assert nb["bytes_written"] < eb["bytes_written"]
+        _, got_n = near.longest_prefix(b)
+        _, got_e = exact.longest_prefix(b)
+        for (nk, nv), (ek, ev), (wk, wv) in zip(cache_layers(got_n), cache_layers(got_e), cache_layers(cb)):
+            for g, e, w in ((nk, ek, wk), (nv, ev, wv)):
+                err_near = float((g - w).pow(2).mean())
+                err_plain = float((e - w).pow(2).mean())
+                assert err_near <= 1.5 * err_plain + 1e-12  # the same step: the same error, not a worse one
+
+
+def test_referenced_base_is_never_evicted_and_references_are_released(where):
+    (a, ca), (b, cb) = _doc_sessions()
+    with where.open(chunking="content") as store:
+        residuals = _put_pair(store, a, ca, b, cb)
+        bases = {h["base"] for h in residuals.values()}
+        assert bases
+        for base in bases:
+            assert store.evict(base) is False and store.backend.exists(base)
+        # b is seen again and again, a only once: a's chunks (the bases among them) have the lowest expected
+        # reuse, and the oldest of them is a base; a budget one byte short must evict something else
+        for _ in range(3):
+            assert store.longest_prefix(b)[0] == len(b)
+        total = store.stats()["bytes_stored"]
+        assert store.gc(max_bytes=total - 1)["evicted"] >= 1
+        left = {k for k, _, _ in store.backend.list()}
+        assert bases <= left
+        n, got = store.longest_prefix(b)
+        assert n == len(b)
+        assert_bit_exact(got, cb)
+        # gc(0) empties the store: referrers first, then their bases, and every record is released
+        store.gc(max_bytes=0)
+        assert store.stats()["entries"] == 0
+        for base in bases:
+            assert store.backend.refs(base) == []
+        assert store.longest_prefix(b) == (0, None)
+
+
+def test_missing_or_corrupt_base_is_a_clear_error_never_a_wrong_cache(where):
+    (a, ca), (b, cb) = _doc_sessions()
+    with where.open(chunking="content") as store:
+        residuals = _put_pair(store, a, ca, b, cb)
+        victim, header = sorted(residuals.items(), key=lambda kv: kv[1]["start"])[0]
+        base = header["base"]
+        data = store.backend.get(base)
+        store.backend.delete(base)  # lost behind the store's back
+        with pytest.raises(seqkv.StorageError, match="base"):
+            store.longest_prefix(b)
+        assert store.backend.get(victim) is None  # the unusable referrer is quarantined
+        # a corrupt base: its container is damaged (envelope checksum recomputed so only seqkv's checks see it)
+        residuals = _put_pair(store, a, ca, b, cb)
+        victim, header = sorted(residuals.items(), key=lambda kv: kv[1]["start"])[0]
+        base = header["base"]
+        bh, payload = _unpack_entry(store.backend.get(base), base)
+        bad = bytearray(payload)
+        bad[-9] ^= 0x40
+        bh.update(payload_sha256=hashlib.sha256(bytes(bad)).hexdigest())
+        store.backend.delete(base)
+        store.backend.put_if_absent(base, _pack_entry(bh, bytes(bad)))
+        with pytest.raises(seqkv.StorageError):
+            store.longest_prefix(b)
+        assert data is not None
+
+
+def test_forced_content_hash_collision_codes_plainly(where, monkeypatch):
+    # every chunk's content digest is the same: the index offers a base with other tokens, which is refused
+    monkeypatch.setattr(store_keys, "content_digest", lambda ids, ns: "ab" * 32)
+    (a, ca), (b, cb) = _doc_sessions()
+    ids_c, cache_c = make_cache(30, seed=11)
+    with where.open(chunking="content") as store:
+        store.put(a, ca)
+        res = store.put(ids_c, cache_c)
+        assert res["chunks_residual"] == 0
+        n, got = store.longest_prefix(ids_c)
+        assert n == 30
+        assert_bit_exact(got, cache_c)
+        # the real near-duplicate (same tokens) is still found through the one index record it can use
+        store.put(b, cb)
+        n, got = store.longest_prefix(b)
+        assert n == len(b)
+        assert_bit_exact(got, cb)
+
+
+def test_overwritten_entry_of_another_sequence_is_refused(where):
+    ids_a, cache_a = make_cache(16, seed=21)
+    ids_b, cache_b = make_cache(16, seed=22)
+    with where.open() as store:
+        store.put(ids_a, cache_a)
+        store.put(ids_b, cache_b)
+        ka, kb = store.keys_for(ids_a)[1], store.keys_for(ids_b)[1]
+        header, payload = _unpack_entry(store.backend.get(kb), kb)
+        store.backend.delete(ka)  # a concurrent writer's entry for other tokens lands under a's key
+        store.backend.put_if_absent(ka, _pack_entry(dict(header, key=ka), payload))
+        n, got = store.longest_prefix(ids_a)
+        assert n == 8
+        assert_bit_exact(got, slice_cache(cache_a, 0, 8))
+
+
+def test_entry_token_ids_are_trie_coded(where):
+    from seqkv_ext.trie import TokenTrie
+
+    ids, cache = make_cache(24, seed=7)
+    trie = TokenTrie()
+    trie.insert(ids[:16])
+    with where.open(token_trie=trie, vocab_size=96) as store:
+        res = store.put(ids, cache)
+        assert res["tokens_coded"] == 24 and res["token_bytes"] > 0
+        s = store.stats()
+        assert s["token_bits_per_token"] < s["token_bits_per_token_zstd3"]
+        for key, (lo, hi) in zip(store.keys_for(ids), store.bounds_for(ids)):
+            assert store.tokens_of(key) == ids[lo:hi]
+    with where.open() as other:  # no trie: the KV still loads, the ids cannot be read
+        assert other.longest_prefix(ids)[0] == 24
+        with pytest.raises(seqkv.ConfigError):
+            other.tokens_of(other.keys_for(ids)[0])
+
+
+def _near_writer(where, ids, cache, barrier, out_path):
+    torch.set_num_threads(1)
+    store = where.open(chunking="content")
+    barrier.wait(timeout=60)
+    res = store.put(ids, cache)
+    store.close()
+    with open(out_path, "w") as f:
+        json.dump(res, f)
+
+
+def _evictor(where, barrier, rounds):
+    torch.set_num_threads(1)
+    store = where.open(chunking="content")
+    barrier.wait(timeout=60)
+    for _ in range(rounds):
+        store.gc(max_bytes=0)
+    store.close()
+
+
+def test_concurrent_residual_writers_and_evictor_lose_no_reference(where, tmp_path):
+    (a, ca), _ = _doc_sessions()
+    doc = a[11:]
+    model = tiny_model("llama")
+    jobs = []
+    for i in range(3):
+        ids = [10 + i, 20 + i, 30 + i] * (i + 1) + doc
+        with torch.no_grad():
+            jobs.append((ids, model(torch.tensor([ids]), use_cache=True).past_key_values))
+    with where.open(chunking="content") as store:
+        store.put(a, ca)
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(len(jobs) + 1)
+    procs = [ctx.Process(target=_near_writer, args=(where, ids, cache, barrier, str(tmp_path / f"n{i}.json")))
+             for i, (ids, cache) in enumerate(jobs)]
+    procs.append(ctx.Process(target=_evictor, args=(where, barrier, 3)))
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=180)
+        assert p.exitcode == 0
+    with where.open(chunking="content") as store:
+        present = {k for k, _, _ in store.backend.list()}
+        for key, header in _residual_entries(store).items():
+            assert header["base"] in present, "a residual lost its base"
+            assert header["base_ref"] in store.backend.refs(header["base"]), "a residual lost its reference"
+        for ids, cache in jobs:
+            n, got = store.longest_prefix(ids)  # never raises, never a wrong cache
+            if n:
+                assert_bit_exact(got, slice_cache(cache, 0, n))
+        # after the race: every sequence can be stored and read back in full
+        for ids, cache in jobs:
+            store.put(ids, cache)
+            n, got = store.longest_prefix(ids)
+            assert n == len(ids)
+            assert_bit_exact(got, cache)
+
+
+def test_store_payload_is_refused_by_plain_decode(where):
+    (a, ca), (b, cb) = _doc_sessions()
+    with where.open(chunking="content") as store:
+        key = next(iter(_put_pair(store, a, ca, b, cb)))
+        _, payload = _unpack_entry(store.backend.get(key), key)
+        with pytest.raises(seqkv.DecodeError):
+            seqkv.decode(payload)
+
+
+def test_boundary_tokens_start_chunks_so_a_whole_message_is_a_near_duplicate(where):
+    model = tiny_model("llama")
+    gen = torch.Generator().manual_seed(8)
+    message = [0] + torch.randint(1, 96, (30,), generator=gen).tolist()  # token 0 opens every message
+    a = [0, 5, 6, 7, 8, 9] + message
+    b = [0, 11, 12, 13] + message
+    with torch.no_grad():
+        ca, cb = (model(torch.tensor([x]), use_cache=True).past_key_values for x in (a, b))
+    with where.open(chunking="content", boundary_tokens=[0]) as store:
+        assert (len(a) - len(message)) in [s for s, _ in store.bounds_for(a)]
+        with where.open(chunking="content") as plain:
+            assert store.keys_for(a) != plain.keys_for(a)  # part of the namespace
+        store.put(a, ca)
+        put_b = store.put(b, cb)
+        assert put_b["chunks_residual"] == len([1 for s, _ in store.bounds_for(b) if s >= len(b) - len(message)])
+        n, got = store.longest_prefix(b)
+        assert n == len(b)
+        assert_bit_exact(got, cb)
+    with pytest.raises(seqkv.ConfigError):
+        where.open(boundary_tokens=[0])  # fixed chunks have no boundary tokens
+
+
+def test_stale_reference_records_are_dropped_young_ones_kept(where):
+    from seqkv.store.prefix_store import _ref_nonce
+
+    (a, ca), (b, cb) = _doc_sessions()
+    with where.open(chunking="content") as store:
+        residuals = _put_pair(store, a, ca, b, cb)
+        base = next(iter(residuals.values()))["base"]
+        ghost = "f" * 64  # a writer that took a reference and crashed before writing its entry
+        old = f"{ghost}.{(int(_ref_nonce()[:11], 16) - 7_200_000):011x}00000"
+        young = f"{'e' * 64}.{_ref_nonce()}"
+        store.backend.add_ref(base, old)
+        store.backend.add_ref(base, young)
+        assert store.drop_stale_refs(older_than=3600) == 1
+        refs = store.backend.refs(base)
+        assert old not in refs and young in refs
+        assert all(h["base_ref"] in store.backend.refs(h["base"]) for h in residuals.values())
+
+
+def test_entry_of_the_previous_envelope_version_is_a_miss_then_rewritten(where):
+    ids, cache = make_cache(8, seed=31)
+    with where.open() as store:
+        (key,) = store.keys_for(ids)
+        old = _pack_entry({"v": 1, "key": key, "token_ids": ids, "positions": list(range(8))}, b"old container")
+        store.backend.put_if_absent(key, old)
+        assert store.longest_prefix(ids) == (0, None)
+        assert store.put(ids, cache)["chunks_written"] == 1
+        n, got = store.longest_prefix(ids)
+        assert n == 8
+        assert_bit_exact(got, cache)

@@ -1,7 +1,9 @@
 """Redis backend (``redis://host:port/db``): entries are string keys, last use a sorted set.
 
 A write is one Lua script (atomic on the server): ``SET key data NX`` and, when it was set, ``ZADD`` of
-its last-use time, so that no two writers ever both create an entry.  Needs the ``redis`` package.
+its last-use time, so that no two writers ever both create an entry.  Reference records of a base are
+one Redis set (``SADD``/``SREM``, atomic per record); the content index and scores are plain keys.  An
+evictor hides an entry with ``RENAMENX`` (atomic).  Needs the ``redis`` package.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import time
 from urllib.parse import urlparse
 
 from ..errors import StorageError
-from .prefix_store import Backend
+from .prefix_store import META_FOLDER_RE, META_NAME_RE, Backend
 
 _KEY_RE = re.compile(r"^[0-9a-f]{64}$")
 _PUT_SCRIPT = """
@@ -93,8 +95,8 @@ class RedisBackend(Backend):
                 out.append((n[len(self.prefix) + 2:], int(size), float(score) if score is not None else 0.0))
         return out
 
-    def quarantine(self, key: str) -> str:
-        dest = f"{self.prefix}quarantine:{key}:{time.time_ns()}"
+    def _move_aside(self, key: str, dest: str, what: str) -> bool:
+        """Rename the entry to ``dest`` and drop its LRU record, atomically; False when it was not there."""
         pipe = self.client.pipeline(transaction=True)
         pipe.renamenx(self._k(key), dest)
         pipe.zrem(self.lru_key, key)
@@ -102,9 +104,13 @@ class RedisBackend(Backend):
             pipe.execute()
         except self._redis_errors as exc:
             if "no such key" in str(exc).lower():
-                return ""
-            raise StorageError(f"cannot quarantine entry {key}: {exc}") from exc
-        return dest
+                return False
+            raise StorageError(f"cannot {what} entry {key}: {exc}") from exc
+        return True
+
+    def quarantine(self, key: str) -> str:
+        dest = f"{self.prefix}quarantine:{key}:{time.time_ns()}"
+        return dest if self._move_aside(key, dest, "quarantine") else ""
 
     def quarantined(self) -> list[str]:
         return sorted(n.decode() if isinstance(n, bytes) else n
@@ -115,3 +121,63 @@ class RedisBackend(Backend):
             self.client.close()
         except self._redis_errors:
             pass
+
+    # -- side records ------------------------------------------------------------------------
+    def _m(self, name: str) -> str:
+        if not META_NAME_RE.match(name):
+            raise StorageError(f"invalid side record name {name!r}")
+        return f"{self.prefix}m:{name}"
+
+    def meta_set(self, name: str, data: bytes) -> None:
+        self._call("SET", self.client.set, self._m(name), data)
+
+    def meta_get(self, name: str):
+        return self._call("GET", self.client.get, self._m(name))
+
+    def meta_delete(self, name: str) -> bool:
+        return bool(self._call("DEL", self.client.delete, self._m(name)))
+
+    def meta_list(self, folder: str) -> list:
+        if not META_FOLDER_RE.match(folder):
+            raise StorageError(f"invalid side record folder {folder!r}")
+        pattern = f"{self.prefix}m:{folder}/*"
+        names = self._call("SCAN", lambda: list(self.client.scan_iter(match=pattern, count=1000)))
+        cut = len(self.prefix) + 2 + len(folder) + 1
+        return sorted((n.decode() if isinstance(n, bytes) else n)[cut:] for n in names)
+
+    def _refs_key(self, base: str) -> str:
+        if not META_FOLDER_RE.match(f"refs/{base}"):
+            raise StorageError(f"invalid entry key {base!r}")
+        return f"{self.prefix}refs:{base}"
+
+    def add_ref(self, base: str, ref_id: str) -> None:
+        self._call("SADD", self.client.sadd, self._refs_key(base), ref_id)
+
+    def remove_ref(self, base: str, ref_id: str) -> bool:
+        return bool(self._call("SREM", self.client.srem, self._refs_key(base), ref_id))
+
+    def refs(self, base: str) -> list:
+        members = self._call("SMEMBERS", self.client.smembers, self._refs_key(base))
+        return sorted(m.decode() if isinstance(m, bytes) else m for m in members)
+
+    def ref_bases(self) -> list:
+        pattern = f"{self.prefix}refs:*"
+        names = self._call("SCAN", lambda: list(self.client.scan_iter(match=pattern, count=1000)))
+        cut = len(self.prefix) + len("refs:")
+        return sorted((n.decode() if isinstance(n, bytes) else n)[cut:] for n in names)
+
+    # -- eviction protocol ---------------------------------------------------------------------
+    def hide(self, key: str):
+        token = f"{self.prefix}limbo:{key}:{time.time_ns()}"
+        return token if self._move_aside(key, token, "hide") else None
+
+    def unhide(self, key: str, token) -> None:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.renamenx(token, self._k(key))
+        pipe.zadd(self.lru_key, {key: time.time()})
+        res = self._call("RENAMENX", pipe.execute)
+        if not res[0]:  # rewritten meanwhile: the same bytes for the same key
+            self._call("DEL", self.client.delete, token)
+
+    def drop_hidden(self, token) -> None:
+        self._call("DEL", self.client.delete, token)

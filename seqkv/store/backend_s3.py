@@ -4,6 +4,8 @@ Each entry is one object written by a single ``put_object`` with ``IfNoneMatch="
 create: S3 refuses it when the object exists); where the server ignores the condition, two writers of
 the same key write the same bytes under one name, so nothing is duplicated either.  Last use is kept
 in the object's ``last-used`` metadata, refreshed by an in-place ``copy_object``.
+Side records (reference records, the content index, reuse scores) are small objects under
+``meta/``; an evictor hides an entry by copying it under ``limbo/`` and deleting it.
 Options: endpoint_url, aws_access_key_id, aws_secret_access_key, region_name (and any other boto3
 client keyword).
 """
@@ -14,7 +16,7 @@ import time
 from urllib.parse import urlparse
 
 from ..errors import StorageError
-from .prefix_store import Backend
+from .prefix_store import META_FOLDER_RE, META_NAME_RE, Backend
 
 _KEY_RE = re.compile(r"^[0-9a-f]{64}$")
 
@@ -51,13 +53,16 @@ class S3Backend(Backend):
             return str(exc.response.get("Error", {}).get("Code", ""))
         return ""
 
-    def get(self, key: str):
+    def _get_object(self, object_key: str, what: str):
         try:
-            return self.client.get_object(Bucket=self.bucket, Key=self._k(key))["Body"].read()
+            return self.client.get_object(Bucket=self.bucket, Key=object_key)["Body"].read()
         except self._errors as exc:
             if self._code(exc) in ("NoSuchKey", "404", "NotFound"):
                 return None
-            raise StorageError(f"S3 get of entry {key} failed: {exc}") from exc
+            raise StorageError(f"S3 get of {what} failed: {exc}") from exc
+
+    def get(self, key: str):
+        return self._get_object(self._k(key), f"entry {key}")
 
     def exists(self, key: str) -> bool:
         try:
@@ -80,12 +85,15 @@ class S3Backend(Backend):
                 return False
             raise StorageError(f"S3 put of entry {key} failed: {exc}") from exc
 
-    def delete(self, key: str) -> bool:
+    def _delete_object(self, object_key: str, what: str) -> bool:
         try:
-            self.client.delete_object(Bucket=self.bucket, Key=self._k(key))
+            self.client.delete_object(Bucket=self.bucket, Key=object_key)
             return True
         except self._errors as exc:
-            raise StorageError(f"S3 delete of entry {key} failed: {exc}") from exc
+            raise StorageError(f"S3 delete of {what} failed: {exc}") from exc
+
+    def delete(self, key: str) -> bool:
+        return self._delete_object(self._k(key), f"entry {key}")
 
     def touch(self, key: str, when: float) -> None:
         k = self._k(key)
@@ -120,17 +128,63 @@ class S3Backend(Backend):
             out.append((key, int(obj["Size"]), last))
         return out
 
-    def quarantine(self, key: str) -> str:
-        k = self._k(key)
-        dest = f"{self.prefix}quarantine/{key}.{time.time_ns()}"
+    def _move_aside(self, key: str, dest: str, what: str) -> bool:
+        """Copy the entry to ``dest``, then delete it; False when it was not there."""
         try:
-            self.client.copy_object(Bucket=self.bucket, Key=dest, CopySource={"Bucket": self.bucket, "Key": k})
+            self.client.copy_object(Bucket=self.bucket, Key=dest, CopySource={"Bucket": self.bucket, "Key": self._k(key)})
         except self._errors as exc:
             if self._code(exc) in ("NoSuchKey", "404", "NotFound"):
-                return ""
-            raise StorageError(f"cannot quarantine entry {key}: {exc}") from exc
+                return False
+            raise StorageError(f"cannot {what} entry {key}: {exc}") from exc
         self.delete(key)
-        return dest
+        return True
+
+    def quarantine(self, key: str) -> str:
+        dest = f"{self.prefix}quarantine/{key}.{time.time_ns()}"
+        return dest if self._move_aside(key, dest, "quarantine") else ""
 
     def quarantined(self) -> list[str]:
         return sorted(o["Key"] for o in self._list_objects(f"{self.prefix}quarantine/"))
+
+    # -- side records ------------------------------------------------------------------------
+    def _m(self, name: str) -> str:
+        if not META_NAME_RE.match(name):
+            raise StorageError(f"invalid side record name {name!r}")
+        return f"{self.prefix}meta/{name}"
+
+    def meta_set(self, name: str, data: bytes) -> None:
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._m(name), Body=data)
+        except self._errors as exc:
+            raise StorageError(f"S3 put of side record {name} failed: {exc}") from exc
+
+    def meta_get(self, name: str):
+        return self._get_object(self._m(name), f"side record {name}")
+
+    def meta_delete(self, name: str) -> bool:
+        return self._delete_object(self._m(name), f"side record {name}")
+
+    def meta_list(self, folder: str) -> list:
+        if not META_FOLDER_RE.match(folder):
+            raise StorageError(f"invalid side record folder {folder!r}")
+        base = f"{self.prefix}meta/{folder}/"
+        return sorted(o["Key"][len(base):] for o in self._list_objects(base))
+
+    def ref_bases(self) -> list:
+        base = f"{self.prefix}meta/refs/"
+        return sorted({o["Key"][len(base):].split("/", 1)[0] for o in self._list_objects(base)} - {""})
+
+    # -- eviction protocol ---------------------------------------------------------------------
+    def hide(self, key: str):
+        token = f"{self.prefix}limbo/{key}.{time.time_ns()}"
+        return token if self._move_aside(key, token, "hide") else None
+
+    def unhide(self, key: str, token) -> None:
+        try:
+            self.client.copy_object(Bucket=self.bucket, Key=self._k(key), CopySource={"Bucket": self.bucket, "Key": token})
+            self.client.delete_object(Bucket=self.bucket, Key=token)
+        except self._errors as exc:
+            raise StorageError(f"cannot restore entry {key}: {exc}") from exc
+
+    def drop_hidden(self, token) -> None:
+        self._delete_object(token, f"hidden entry {token}")

@@ -18,10 +18,19 @@ NAMESPACE_VERSION = 1
 _INT32_MIN, _INT32_MAX = -(1 << 31), (1 << 31) - 1
 
 
-def namespace(*, fingerprint: str, dtype: str, preset: str, chunk_tokens: int, weights_digest: str = "") -> bytes:
-    """The canonical namespace bytes mixed into every key."""
+def namespace(*, fingerprint: str, dtype: str, preset: str, chunk_tokens: int, weights_digest: str = "",
+              chunking: str = "fixed", codec_options=None, boundary_tokens=()) -> bytes:
+    """The canonical namespace bytes mixed into every key.  ``chunking``, ``codec_options`` (the encode
+    options on top of the preset) and ``boundary_tokens`` appear only when they differ from the defaults,
+    so the keys of fixed-chunk default-preset stores are unchanged."""
     fields = {"v": NAMESPACE_VERSION, "model": fingerprint, "weights": weights_digest, "dtype": dtype,
               "preset": preset, "chunk_tokens": int(chunk_tokens)}
+    if chunking != "fixed":
+        fields["chunking"] = chunking
+    if codec_options:
+        fields["codec"] = codec_options
+    if len(boundary_tokens):
+        fields["boundary_tokens"] = sorted(int(t) for t in boundary_tokens)
     return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode("utf-8")
 
 
@@ -77,3 +86,24 @@ def prefix_digest(ids) -> str:
     """sha256 of the whole token prefix, independent of the key chain (checked on every read)."""
     return hashlib.sha256(b"seqkv-prefix\x00" + token_bytes(ids)).hexdigest()
 
+
+
+def chain_keys(token_ids, ns: bytes, bounds) -> list[str]:
+    """Hex key of every chunk [start, end) in ``bounds`` (consecutive, from 0)."""
+    ids = token_array(token_ids)
+    keys, prev = [], root_key(ns)
+    for s, e in bounds:
+        prev = chain_key(prev, ids[s:e], ns)
+        keys.append(prev.hex())
+    return keys
+
+
+def content_digest(ids, ns: bytes) -> str:
+    """sha256 of a chunk's tokens alone (and the namespace): the near-duplicate index key, the same for
+    the same tokens under any preceding prefix."""
+    return hashlib.sha256(b"seqkv-content\x00" + ns + b"\x00" + token_bytes(ids)).hexdigest()
+
+
+def tokens_digest(ids) -> str:
+    """sha256 of a chunk's own tokens (checked on every read; the entry may not carry the ids)."""
+    return hashlib.sha256(b"seqkv-tokens\x00" + token_bytes(ids)).hexdigest()
