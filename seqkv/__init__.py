@@ -6,16 +6,17 @@ __version__ = "0.1.0"
 from .codec import decode, encode, inspect  # noqa: E402
 from .errors import (  # noqa: E402
     ChecksumError, ConfigError, DecodeError, EncodeError, FormatError, ModelMismatchError,
-    NonFiniteError, SeqKVError, StorageError, UnsupportedCacheError, UnsupportedVersionError,
+    NonFiniteError, AlreadyPrunedError, PruneError, SeqKVError, StorageError, UnsupportedCacheError, UnsupportedVersionError,
 )
 from .evaluate import EvalRow, evaluate_text  # noqa: E402
 from .layout import ModelLayout, layout_from_model  # noqa: E402
 from .quality import QualityProbe, QualityReport  # noqa: E402
 from .presets import PRESETS  # noqa: E402
+from .pruning import pruner  # noqa: E402
 from .store import PrefixStore  # noqa: E402
 
 __all__ = [
-    "encode", "decode", "inspect", "PrefixStore", "evaluate_text", "EvalRow", "QualityProbe", "QualityReport", "PRESETS", "ModelLayout", "layout_from_model",
+    "encode", "decode", "inspect", "pruner", "PruneError", "AlreadyPrunedError", "PrefixStore", "evaluate_text", "EvalRow", "QualityProbe", "QualityReport", "PRESETS", "ModelLayout", "layout_from_model",
     "SeqKVError", "ConfigError", "EncodeError", "UnsupportedCacheError", "NonFiniteError", "DecodeError",
     "FormatError", "UnsupportedVersionError", "ChecksumError", "ModelMismatchError", "StorageError",
 ]

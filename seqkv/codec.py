@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .container import Container, write_container
+from .container import FLAG_PRUNED, Container, write_container
 from .errors import ConfigError, FormatError, ModelMismatchError, SeqKVError
 from .hf_adapter import DTYPES_BY_NAME, SUPPORTED_DTYPES, build_cache, cache_layers
 from .layout import ModelLayout, layout_from_model
@@ -155,7 +155,7 @@ def _layout_for(model, config, layers, lossless: bool) -> ModelLayout:
 
 
 def encode(cache, *, preset: str = "balanced", model=None, config=None, positions=None,
-           progress: bool = False, **options) -> bytes:
+           prune=None, progress: bool = False, **options) -> bytes:
     """Encode a transformers ``DynamicCache`` into a self-describing seqkv container.
 
     ``preset`` is one of "lossless", "near_lossless", "balanced", "small".
@@ -165,9 +165,16 @@ def encode(cache, *, preset: str = "balanced", model=None, config=None, position
     ``options`` override the preset: ``step`` (the quality knob), ``sink_tokens``,
     ``rotation`` ("none"/"hadamard"), ``quantizer`` ("uniform"/"lloydmax"),
     ``bits`` (Lloyd-Max), ``rounding``, ``key_channel_gamma``, ``seed``.
+    ``prune`` (a ``seqkv.pruner(...)``) drops tokens first; caches pruned before are
+    encoded with their kept positions either way (docs/format.md §9).
     """
     if not isinstance(preset, str):
         raise ConfigError(f"preset must be a string, got {type(preset).__name__}")
+    if prune is not None or getattr(cache, "seqkv_pruned", None) is not None:
+        from .pruning.container import encode_pruned
+
+        return encode_pruned(cache, prune, preset=preset, model=model, config=config, positions=positions,
+                             progress=progress, **options)
     config_dict = pipeline_config(preset, **options)
     pipeline = _Pipeline(config_dict)
     layers = cache_layers(cache)
@@ -183,19 +190,24 @@ def encode(cache, *, preset: str = "balanced", model=None, config=None, position
     contiguous = bool(tokens == 0 or torch.equal(pos, torch.arange(int(pos[0]), int(pos[0]) + tokens)))
     if not contiguous:
         sections.append(("positions", _le_bytes(pos.numpy())))
-    header = {
+    header = _header(pipeline, layout, dtype_name, len(layers), heads, dim, tokens,
+                     {"start": int(pos[0]), "next": int(pos[-1]) + 1, "contiguous": contiguous})
+    return write_container(header, sections)
+
+
+def _header(pipeline, layout, dtype_name, layers, heads, dim, tokens, positions) -> dict:
+    return {
         "created_by": f"seqkv {__version__}",
         "pipeline": pipeline.full_config(),
         "model": layout.to_json(),
         "dtype": dtype_name,
         "batch": 1,
-        "layers": len(layers),
+        "layers": layers,
         "kv_heads": heads,
         "head_dim": dim,
         "tokens": tokens,
-        "positions": {"start": int(pos[0]), "next": int(pos[-1]) + 1, "contiguous": contiguous},
+        "positions": positions,
     }
-    return write_container(header, sections)
 
 
 def _json_int(obj: dict, key: str) -> int:
@@ -245,7 +257,13 @@ class _Parsed:
             self.pipeline = _Pipeline(self.pipeline_config)
         except ConfigError as exc:
             raise FormatError(f"the container's pipeline is invalid or unknown to this version: {exc}") from None
-        if self.contiguous:
+        self.pruning = None
+        if c.flags & FLAG_PRUNED:
+            from .pruning.container import PrunedInfo
+
+            self.pruning = PrunedInfo(self)   # kept positions are per layer, read with the layer
+            self.positions = None
+        elif self.contiguous:
             if self.next_position != self.start + self.tokens or self.start < 0:
                 raise FormatError("positions in the header are inconsistent")
             self.positions = torch.arange(self.start, self.start + self.tokens, dtype=torch.int64)
@@ -288,6 +306,10 @@ def decode(data, *, device=None, dtype=None, model=None, layers=None, progress: 
     for i in indices:
         if not isinstance(i, int) or not 0 <= i < parsed.layers:
             raise ConfigError(f"layer index {i!r} is outside [0, {parsed.layers})")
+    if parsed.pruning is not None:
+        from .pruning.container import decode_pruned
+
+        return decode_pruned(parsed, indices, device=device, dtype=dtype, progress=progress)
     decoded = [parsed.decode_layer(i) for i in progress_bar(list(indices), desc="decode", enabled=progress)]
     return build_cache(decoded, device=device, dtype=dtype)
 
@@ -296,7 +318,9 @@ def inspect(data) -> dict:
     """Header facts, sizes, ratio vs fp16 and bits/element, without decoding any tensor."""
     parsed = _Parsed(data, max_decoded_bytes=1 << 62)
     c = parsed.container
-    elements = parsed.layers * 2 * parsed.heads * parsed.dim * parsed.tokens
+    # a pruned container is measured against the cache it came from (every source token in fp16)
+    tokens = parsed.pruning.source_tokens if parsed.pruning is not None else parsed.tokens
+    elements = parsed.layers * 2 * parsed.heads * parsed.dim * tokens
     raw_fp16 = elements * 2
     sizes = c.section_sizes()
     return {
@@ -311,6 +335,10 @@ def inspect(data) -> dict:
         "head_dim": parsed.dim,
         "tokens": parsed.tokens,
         "positions": {"start": parsed.start, "next": parsed.next_position, "contiguous": parsed.contiguous},
+        "pruning": None if parsed.pruning is None else {
+            "level": parsed.pruning.level, "pruner": parsed.pruning.pruner,
+            "source_tokens": parsed.pruning.source_tokens,
+            "kept_bytes": sum(v for k, v in sizes.items() if k.endswith(".kept"))},
         "total_bytes": c.total_bytes,
         "header_bytes": c.payload_start,
         "raw_fp16_bytes": raw_fp16,

@@ -6,6 +6,7 @@ baselines (raw fp16, zstd-3, shuffle+zstd-3) measured in the same run.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass
 
@@ -54,8 +55,15 @@ def evaluate_text(model, tokenizer, text: str, presets=("lossless", "near_lossle
                   prompt_len: int = 2048, continuation_len: int = 256, cache_dtype: str = "float16",
                   configs: dict | None = None, repeat: int = 1, progress: bool = False) -> list[EvalRow]:
     """Run the protocol on one text; ``configs`` maps extra row names to encode() keyword dicts."""
-    probe = QualityProbe(model, load_token_ids(tokenizer, text), prompt_len, continuation_len,
-                         cache_dtype=DTYPES_BY_NAME[cache_dtype])
+    # query-aware pruners in ``configs`` (``prune=``) watch the prefill, as kvpress's presses do
+    watchers = [kw["prune"] for kw in (configs or {}).values() if getattr(kw.get("prune"), "query_aware", False)]
+    with contextlib.ExitStack() as stack:
+        for p in watchers:
+            stack.enter_context(p.observe(model))
+        probe = QualityProbe(model, load_token_ids(tokenizer, text), prompt_len, continuation_len,
+                             cache_dtype=DTYPES_BY_NAME[cache_dtype])
+    for p in watchers:  # keep the prefill's queries, not the reference continuation's
+        p.observer.queries = {k: v[:, :prompt_len] for k, v in p.observer.queries.items()}
     layers = cache_layers(probe.cache)
     elements = sum(k.numel() + v.numel() for k, v in layers)
     raw_fp16 = 2 * elements
