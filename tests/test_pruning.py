@@ -380,9 +380,11 @@ def test_ragged_cache_equals_attention_over_kept_keys_only(impl, new_tokens):
     assert torch.allclose(got, ref, atol=1e-4), float((got - ref).abs().max())
 
 
-def test_ragged_decode_step_by_step_matches_one_pass():
+@pytest.mark.parametrize("head_budget", ["uniform", "adaptive"])
+def test_decode_step_by_step_matches_one_pass(head_budget):
+    """Teacher forcing C tokens in one pass (the quality protocol) sees the same causal mask as decoding."""
     model, ids, cache = prefill(layers=2)
-    pruned = seqkv.pruner("key_norm", ratio=0.5, head_budget="adaptive").prune(cache)
+    pruned = seqkv.pruner("key_norm", ratio=0.5, head_budget=head_budget).prune(cache)
     one = continuation_logits(model, clone_cache(pruned), ids[:, TOKENS:TOKENS + 6])
     c = clone_cache(pruned)
     steps = torch.cat([continuation_logits(model, c, ids[:, TOKENS + i:TOKENS + i + 1]) for i in range(6)])
@@ -402,9 +404,9 @@ def test_generation_continues_at_the_true_position():
     from seqkv.generation import greedy_continue as plain
 
     assert plain(model, clone_cache(decoded), int(ids[0, TOKENS]), TOKENS, 8) == a
-    # generate(): feeds a prompt then decodes, same tokens
-    out = generate(model, clone_cache(decoded), ids[:, TOKENS:TOKENS + 1], 8)
-    assert out[0].tolist() == a
+    # generate(): transformers' generate() over the pruned cache, same tokens
+    out = generate(model, clone_cache(decoded), ids[:, TOKENS:TOKENS + 1], max_new_tokens=8, do_sample=False)
+    assert out[0].tolist() == upto_eos(model, a)
     # and the position matters: feeding at the slot count gives other logits
     right = continuation_logits(model, clone_cache(decoded), ids[:, TOKENS:TOKENS + 4])
     wrong = continuation_logits(model, clone_cache(decoded), ids[:, TOKENS:TOKENS + 4], position=TOKENS // 2)
@@ -598,3 +600,31 @@ def test_streaming_evictor_with_triattention_and_chunk_configs_are_json():
     p = seqkv.pruner("chunk", scorer="triattention", scorer_options={"calibration": calibration()}, ratio=0.5, chunk_size=8)
     info = seqkv.inspect(seqkv.encode(cache, preset="lossless", prune=p))
     assert info["pruning"]["pruner"]["scorer_options"]["calibration_sha256"] == calibration().digest()
+
+
+def upto_eos(model, tokens):
+    """generate() stops at the model's EOS (the random tiny model emits it now and then); our loop does not."""
+    eos = model.generation_config.eos_token_id
+    return tokens[:tokens.index(eos) + 1] if eos in tokens else tokens
+
+
+@pytest.mark.parametrize("head_budget", ["uniform", "adaptive"])
+def test_hf_generate_from_pruned_caches(head_budget):
+    """model.generate() through the helper equals our own greedy loop, ragged caches included,
+    and sampling options pass through."""
+    model, ids, cache = prefill(seed=2)   # a prompt whose greedy continuation has no EOS in 6 tokens
+    pruned = seqkv.pruner("key_norm", ratio=0.5, head_budget=head_budget).prune(cache)
+    prompt = ids[:, TOKENS:TOKENS + 3]
+    c = clone_cache(pruned)
+    continuation_logits(model, c, prompt[:, :2])
+    ref = greedy_continue(model, c, int(prompt[0, 2]), 6)
+    got = generate(model, clone_cache(pruned), prompt, max_new_tokens=6, do_sample=False)
+    assert got[0].tolist() == upto_eos(model, ref) and len(ref) == 6 == got.shape[1]
+    torch.manual_seed(0)
+    sampled = generate(model, clone_cache(pruned), prompt, max_new_tokens=5, do_sample=True, top_k=5)
+    assert sampled.shape == (1, 5)
+    # keeping everything: generate() over the pruned cache equals generate() over the original
+    everything = seqkv.pruner("key_norm", ratio=0.0, head_budget=head_budget).prune(cache)
+    full = model.generate(ids[:, :TOKENS + 3], max_new_tokens=6, do_sample=False, pad_token_id=0)
+    got = generate(model, clone_cache(everything), prompt, max_new_tokens=6, do_sample=False)
+    assert torch.equal(got, full[:, TOKENS + 3:])

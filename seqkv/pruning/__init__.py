@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 from . import chunk, ensemble, expected_attention, key_norm, sinks_window, snapkv, triattention  # noqa: F401  (registration)
-from .attention import continuation_logits, generate, greedy_continue, next_position, pruned_attention
+from .attention import continuation_logits, generate, greedy_continue, next_position, pruned_attention, true_positions
 from .base import LEVELS, Pruner, ScoreContext, pruner, registered_pruners, select
 from .observe import QueryObserver
 from .state import PruneState, pruned_state
@@ -20,5 +20,5 @@ from .triattention import TriCalibration, calibrate
 __all__ = [
     "pruner", "registered_pruners", "Pruner", "ScoreContext", "select", "LEVELS", "PruneState", "pruned_state",
     "QueryObserver", "StreamingEvictor", "TriCalibration", "calibrate", "pruned_attention", "continuation_logits",
-    "greedy_continue", "generate", "next_position",
+    "greedy_continue", "generate", "next_position", "true_positions",
 ]

@@ -97,21 +97,46 @@ def greedy_continue(model, cache, last_token: int, new_tokens: int) -> list[int]
     return out
 
 
+@contextmanager
+def true_positions(model, cache):
+    """Inside this block, the model's forward passes over ``cache`` get RoPE positions offset from the
+    cache's slot count to its true next position (a forward pre-hook on the base model), so code that
+    derives positions from the cache length, like ``model.generate()``, stays right."""
+    offset = next_position(cache) - cache.get_seq_length() if cache is not None else 0
+    if not offset:
+        yield
+        return
+
+    def hook(module, args, kwargs):
+        pos = kwargs.get("position_ids")
+        if pos is None:
+            x = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+            past = kwargs["past_key_values"].get_seq_length() if kwargs.get("past_key_values") is not None else 0
+            pos = torch.arange(past, past + x.shape[1], device=x.device).unsqueeze(0)
+        kwargs["position_ids"] = pos + offset
+        return args, kwargs
+
+    base = getattr(model, "model", model)
+    handle = base.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 @torch.no_grad()
-def generate(model, cache, input_ids, max_new_tokens: int, eos_token_id=None, do_sample: bool = False,
-             temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
-    """``generate()`` for a pruned cache: feeds ``input_ids`` (the tokens after the cache) then decodes,
-    greedy or sampled, with positions continuing at the unpruned length.  Returns the new tokens [1, n]."""
-    logits = continuation_logits(model, cache, input_ids)[-1]
-    out = []
-    for _ in range(max_new_tokens):
-        if do_sample:
-            probs = torch.softmax(logits.float() / temperature, -1)
-            token = int(torch.multinomial(probs, 1, generator=generator))
-        else:
-            token = int(logits.argmax())
-        out.append(token)
-        if eos_token_id is not None and token == eos_token_id:
-            break
-        logits = continuation_logits(model, cache, torch.tensor([token]))[-1]
-    return torch.tensor([out], dtype=torch.long)
+def generate(model, cache, input_ids, **generate_kwargs) -> torch.Tensor:
+    """``model.generate()`` continuing from a pruned (or any) cache: feeds ``input_ids`` (the tokens after
+    the cache) and returns the new tokens ``[1, n]``.  Every ``generate()`` option works (greedy, sampling,
+    ``max_new_tokens``, ``eos_token_id``...).  ``cache`` is extended in place.
+
+    ``generate()`` counts the cache's slots as tokens already seen, so the helper puts as many
+    placeholder ids in front of ``input_ids`` (never fed: they are "in the cache"), shifts the
+    positions to the true next position and masks padding slots of ragged caches."""
+    ids = torch.as_tensor(input_ids).reshape(1, -1)
+    width = cache.get_seq_length()
+    full = torch.cat([torch.zeros(1, width, dtype=ids.dtype, device=ids.device), ids], dim=1)
+    generate_kwargs.setdefault("pad_token_id", getattr(model.generation_config, "pad_token_id", None) or 0)
+    with pruned_attention(model, cache), true_positions(model, cache):
+        out = model.generate(full, past_key_values=cache, attention_mask=torch.ones_like(full), **generate_kwargs)
+    return out[:, full.shape[1]:]
