@@ -628,3 +628,19 @@ def test_hf_generate_from_pruned_caches(head_budget):
     full = model.generate(ids[:, :TOKENS + 3], max_new_tokens=6, do_sample=False, pad_token_id=0)
     got = generate(model, clone_cache(everything), prompt, max_new_tokens=6, do_sample=False)
     assert torch.equal(got, full[:, TOKENS + 3:])
+
+
+def test_rate_control_picks_the_smallest_container_within_the_target():
+    from seqkv.pruning import smallest_within
+
+    model = tiny_model("llama")
+    probe = QualityProbe(model, ids_for(80, seed=11), prompt_len=48, continuation_len=16)
+    best, tried = smallest_within(probe, model, target_kl=0.05, prune_ratios=(0.0, 0.5), steps=(0.1, 0.6))
+    assert len(tried) == 4 and {(p.prune_ratio, p.step) for p in tried} == {(0.0, 0.1), (0.0, 0.6), (0.5, 0.1), (0.5, 0.6)}
+    ok = [p for p in tried if p.mean_kl <= 0.05]
+    assert best is not None and best.bytes == min(p.bytes for p in ok) and len(best.blob) == best.bytes
+    assert best.mean_kl == pytest.approx(probe.score(seqkv.decode(best.blob), 48).mean_kl, abs=1e-6)
+    none, _ = smallest_within(probe, model, target_kl=1e-12, prune_ratios=(0.5,), steps=(0.9,))
+    assert none is None
+    with pytest.raises(seqkv.ConfigError):
+        smallest_within(probe, model, target_kl=0)

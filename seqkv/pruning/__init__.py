@@ -13,6 +13,7 @@ from . import chunk, ensemble, expected_attention, key_norm, sinks_window, snapk
 from .attention import continuation_logits, generate, greedy_continue, next_position, pruned_attention, true_positions
 from .base import LEVELS, Pruner, ScoreContext, pruner, registered_pruners, select
 from .observe import QueryObserver
+from .rate import OperatingPoint, smallest_within
 from .state import PruneState, pruned_state
 from .streaming import StreamingEvictor
 from .triattention import TriCalibration, calibrate
@@ -20,5 +21,5 @@ from .triattention import TriCalibration, calibrate
 __all__ = [
     "pruner", "registered_pruners", "Pruner", "ScoreContext", "select", "LEVELS", "PruneState", "pruned_state",
     "QueryObserver", "StreamingEvictor", "TriCalibration", "calibrate", "pruned_attention", "continuation_logits",
-    "greedy_continue", "generate", "next_position", "true_positions",
+    "greedy_continue", "generate", "next_position", "true_positions", "smallest_within", "OperatingPoint",
 ]
