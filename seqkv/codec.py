@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .container import Container, write_container
+from .container import FLAG_PRUNED, Container, write_container
 from .errors import ConfigError, FormatError, ModelMismatchError, SeqKVError
 from .hf_adapter import DTYPES_BY_NAME, SUPPORTED_DTYPES, build_cache, cache_layers
 from .layout import ModelLayout, layout_from_model
@@ -196,7 +196,7 @@ def _layout_for(model, config, layers, lossless: bool) -> ModelLayout:
 
 
 def encode(cache, *, preset: str | None = None, model=None, config=None, positions=None,
-           progress: bool = False, profile=None, target_kl: float | None = None,
+           prune=None, progress: bool = False, profile=None, target_kl: float | None = None,
            bits_per_element: float | None = None, max_bytes: int | None = None,
            kl_margin: float = DEFAULT_KL_MARGIN, **options) -> bytes:
     """Encode a transformers ``DynamicCache`` into a self-describing seqkv container.
@@ -216,9 +216,20 @@ def encode(cache, *, preset: str | None = None, model=None, config=None, positio
     ``model``/``config`` give the layout, RoPE parameters and fingerprint (required
     for lossy presets unless a profile gives them).  ``positions`` is the start
     position (int) or the position of every cached token (default 0, 1, 2, ...).
+    ``prune`` (a ``seqkv.pruner(...)``) drops tokens first (presets only, not with a profile);
+    caches pruned before are encoded with their kept positions either way (docs/format.md §9).
+
     """
     if preset is not None and not isinstance(preset, str):
         raise ConfigError(f"preset must be a string, got {type(preset).__name__}")
+    if profile is not None and preset in (None, CALIBRATED_PRESET) and (
+            prune is not None or getattr(cache, "seqkv_pruned", None) is not None):
+        raise ConfigError("pruning with a calibrated profile is not supported yet: use a preset with prune=")
+    if prune is not None or getattr(cache, "seqkv_pruned", None) is not None:
+        from .pruning.container import encode_pruned
+
+        return encode_pruned(cache, prune, preset=preset or "balanced", model=model, config=config,
+                             positions=positions, progress=progress, **options)
     targets_given = any(v is not None for v in (target_kl, bits_per_element, max_bytes)) or "scale" in options
     if profile is not None and preset in (None, CALIBRATED_PRESET):
         return _encode_calibrated(cache, profile, model=model, config=config, positions=positions, progress=progress,
@@ -249,20 +260,26 @@ def _write(sections, pipeline, layout, layers, dtype_name, pos, extra_header=Non
     contiguous = bool(tokens == 0 or torch.equal(pos, torch.arange(int(pos[0]), int(pos[0]) + tokens)))
     if not contiguous:
         sections.append(("positions", _le_bytes(pos.numpy())))
-    header = {
+    header = _header(pipeline, layout, dtype_name, len(layers), heads, dim, tokens,
+                     {"start": int(pos[0]), "next": int(pos[-1]) + 1, "contiguous": contiguous})
+    header.update(extra_header or {})
+    # 1.1 defines the calibrated stages: a 1.0 reader must refuse such a container by its version
+    return write_container(header, sections, min_minor=1 if pipeline.needs_profile else 0)
+
+
+def _header(pipeline, layout, dtype_name, layers, heads, dim, tokens, positions) -> dict:
+    return {
         "created_by": f"seqkv {__version__}",
         "pipeline": pipeline.full_config(),
         "model": layout.to_json(),
         "dtype": dtype_name,
         "batch": 1,
-        "layers": len(layers),
+        "layers": layers,
         "kv_heads": heads,
         "head_dim": dim,
         "tokens": tokens,
-        "positions": {"start": int(pos[0]), "next": int(pos[-1]) + 1, "contiguous": contiguous},
-        **(extra_header or {}),
+        "positions": positions,
     }
-    return write_container(header, sections)
 
 
 def _encode_calibrated(cache, profile, *, model, config, positions, progress, target, kl_margin, **options) -> bytes:
@@ -383,7 +400,15 @@ class _Parsed:
         # cross-layer prediction chains each layer to the previous one of its kind
         self.chained = bool(self.pipeline.needs_profile and self.pipeline.quantizer.get_config().get("cross_layer"))
         self.chain: dict = {}
-        if self.contiguous:
+        self.pruning = None
+        if c.flags & FLAG_PRUNED:
+            from .pruning.container import PrunedInfo
+
+            if self.pipeline.needs_profile:
+                raise FormatError("a pruned container cannot use a calibrated profile in format 1.1")
+            self.pruning = PrunedInfo(self)   # kept positions are per layer, read with the layer
+            self.positions = None
+        elif self.contiguous:
             if self.next_position != self.start + self.tokens or self.start < 0:
                 raise FormatError("positions in the header are inconsistent")
             self.positions = torch.arange(self.start, self.start + self.tokens, dtype=torch.int64)
@@ -450,6 +475,10 @@ def decode(data, *, device=None, dtype=None, model=None, layers=None, progress: 
     for i in indices:
         if not isinstance(i, int) or not 0 <= i < parsed.layers:
             raise ConfigError(f"layer index {i!r} is outside [0, {parsed.layers})")
+    if parsed.pruning is not None:
+        from .pruning.container import decode_pruned
+
+        return decode_pruned(parsed, indices, device=device, dtype=dtype, progress=progress)
     decoded = [parsed.decode_layer(i) for i in progress_bar(list(indices), desc="decode", enabled=progress)]
     return build_cache(decoded, device=device, dtype=dtype)
 
@@ -458,7 +487,9 @@ def inspect(data) -> dict:
     """Header facts, sizes, ratio vs fp16 and bits/element, without decoding any tensor."""
     parsed = _Parsed(data, max_decoded_bytes=1 << 62)
     c = parsed.container
-    elements = parsed.layers * 2 * parsed.heads * parsed.dim * parsed.tokens
+    # a pruned container is measured against the cache it came from (every source token in fp16)
+    tokens = parsed.pruning.source_tokens if parsed.pruning is not None else parsed.tokens
+    elements = parsed.layers * 2 * parsed.heads * parsed.dim * tokens
     raw_fp16 = elements * 2
     sizes = c.section_sizes()
     return {
@@ -473,6 +504,10 @@ def inspect(data) -> dict:
         "head_dim": parsed.dim,
         "tokens": parsed.tokens,
         "positions": {"start": parsed.start, "next": parsed.next_position, "contiguous": parsed.contiguous},
+        "pruning": None if parsed.pruning is None else {
+            "level": parsed.pruning.level, "pruner": parsed.pruning.pruner,
+            "source_tokens": parsed.pruning.source_tokens,
+            "kept_bytes": sum(v for k, v in sizes.items() if k.endswith(".kept"))},
         "total_bytes": c.total_bytes,
         "header_bytes": c.payload_start,
         "raw_fp16_bytes": raw_fp16,

@@ -15,10 +15,11 @@ from .errors import ChecksumError, FormatError, UnsupportedVersionError
 
 MAGIC = b"\x89SEQKV\r\n"          # 8 bytes; the high byte and CR/LF catch text-mode mangling
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 1
+FORMAT_MINOR = 1                     # 1.1 adds the PRUNED flag and the calibrated codec; other containers are still 1.0
 PREAMBLE = struct.Struct("<8sBBHII")  # magic, major, minor, flags, header_length, header_crc32c
 PREAMBLE_SIZE = PREAMBLE.size        # 20
-KNOWN_FLAGS = 0x0000                 # v1 defines no flags: every bit is reserved and must be zero
+FLAG_PRUNED = 0x0001                 # since 1.1: per-layer kept positions, ragged per head (docs/format.md §9)
+KNOWN_FLAGS = FLAG_PRUNED            # every other bit is reserved and must be zero
 MAX_HEADER_BYTES = 1 << 20
 MAX_SECTIONS = 1 << 16
 
@@ -31,8 +32,13 @@ class Section:
     crc32c: int
 
 
-def write_container(header: dict, sections: list[tuple[str, bytes]]) -> bytes:
-    """Serialise ``header`` (without "sections") and the named section payloads."""
+def write_container(header: dict, sections: list[tuple[str, bytes]], flags: int = 0, min_minor: int = 0) -> bytes:
+    """Serialise ``header`` (without "sections") and the named section payloads.
+
+    The minor version written is the lowest that defines every flag and stage used (1.0 for the
+    presets without pruning; ``min_minor`` says what the pipeline's stages need)."""
+    if flags & ~KNOWN_FLAGS:
+        raise ValueError(f"unknown container flags 0x{flags:04x}")
     table = []
     offset = 0
     for name, payload in sections:
@@ -42,7 +48,8 @@ def write_container(header: dict, sections: list[tuple[str, bytes]]) -> bytes:
     header_bytes = json.dumps(full, separators=(",", ":"), sort_keys=True, allow_nan=False).encode("utf-8")
     if len(header_bytes) > MAX_HEADER_BYTES:
         raise FormatError(f"header of {len(header_bytes)} bytes exceeds the {MAX_HEADER_BYTES}-byte cap")
-    preamble = PREAMBLE.pack(MAGIC, FORMAT_MAJOR, FORMAT_MINOR, 0, len(header_bytes), crc32c(header_bytes))
+    minor = max(min_minor, 1 if flags & FLAG_PRUNED else 0)
+    preamble = PREAMBLE.pack(MAGIC, FORMAT_MAJOR, minor, flags, len(header_bytes), crc32c(header_bytes))
     return b"".join([preamble, header_bytes, *(payload for _, payload in sections)])
 
 
@@ -66,6 +73,7 @@ class Container:
         self.version = (major, minor)
         if flags & ~KNOWN_FLAGS:
             raise FormatError(f"reserved flag bits are set (flags=0x{flags:04x})")
+        self.flags = flags
         if header_len > MAX_HEADER_BYTES:
             raise FormatError(f"header length {header_len} exceeds the {MAX_HEADER_BYTES}-byte cap")
         if PREAMBLE_SIZE + header_len > n:

@@ -50,3 +50,11 @@ class ModelMismatchError(SeqKVError, ValueError):
 
 class StorageError(SeqKVError, OSError):
     """A storage backend failed."""
+
+
+class PruneError(ConfigError):
+    """A pruner is misconfigured or cannot prune this cache (budget, ratio, missing model or queries)."""
+
+
+class AlreadyPrunedError(PruneError):
+    """The cache (or container) was pruned already; pruning it again would lose its position record."""

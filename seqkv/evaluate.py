@@ -6,6 +6,7 @@ baselines (raw fp16, zstd-3, shuffle+zstd-3) measured in the same run.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass
 
@@ -58,11 +59,19 @@ def evaluate_text(model, tokenizer, text: str, presets=("lossless", "near_lossle
     """Run the protocol on one text; ``configs`` maps extra row names to encode() keyword dicts.
 
     With ``profile``, config rows that name no preset use the calibrated codec with it
-    (e.g. ``{"target_kl": 0.01}``).  ``probe`` reuses an existing prefill of the same text.
+    (e.g. ``{"target_kl": 0.01}``).  ``probe`` reuses an existing prefill of the same text
+    (then query-aware pruners in ``configs`` cannot watch it).
     """
+    # query-aware pruners in ``configs`` (``prune=``) watch the prefill, as kvpress's presses do
+    watchers = [kw["prune"] for kw in (configs or {}).values() if getattr(kw.get("prune"), "query_aware", False)]
     if probe is None:
-        probe = QualityProbe(model, load_token_ids(tokenizer, text), prompt_len, continuation_len,
-                             cache_dtype=DTYPES_BY_NAME[cache_dtype])
+        with contextlib.ExitStack() as stack:
+            for p in watchers:
+                stack.enter_context(p.observe(model))
+            probe = QualityProbe(model, load_token_ids(tokenizer, text), prompt_len, continuation_len,
+                                 cache_dtype=DTYPES_BY_NAME[cache_dtype])
+        for p in watchers:  # keep the prefill's queries, not the reference continuation's
+            p.observer.queries = {k: v[:, :prompt_len] for k, v in p.observer.queries.items()}
     layers = cache_layers(probe.cache)
     elements = sum(k.numel() + v.numel() for k, v in layers)
     raw_fp16 = 2 * elements

@@ -13,11 +13,14 @@ def greedy_continue(model, cache, last_token: int, next_position: int, new_token
     at the following one, so RoPE positions stay true even for caches whose
     length differs from their last position.
     """
+    from .pruning.attention import pruned_attention
+
     out = []
     token = torch.tensor([[int(last_token)]])
     for step in range(new_tokens):
         position_ids = torch.tensor([[next_position + step]])
-        logits = model(token, past_key_values=cache, position_ids=position_ids, use_cache=True).logits
+        with pruned_attention(model, cache):   # per-head padding masks, for ragged pruned caches
+            logits = model(token, past_key_values=cache, position_ids=position_ids, use_cache=True).logits
         token = logits[:, -1].argmax(-1, keepdim=True)
         out.append(int(token))
     return out

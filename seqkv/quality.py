@@ -36,6 +36,9 @@ def clone_cache(cache, dtype=None):
     out = DynamicCache()
     for i, layer in enumerate(cache.layers):
         out.update(layer.keys.to(dtype=dtype, copy=True), layer.values.to(dtype=dtype, copy=True), i)
+    state = getattr(cache, "seqkv_pruned", None)   # a pruned cache keeps its kept positions
+    if state is not None:
+        out.seqkv_pruned = state.copy()
     return out
 
 
@@ -51,8 +54,11 @@ def prefill(model, token_ids: torch.Tensor, prompt_len: int):
 def continuation_logits(model, cache, token_ids: torch.Tensor, start: int, count: int, next_position: int):
     """Teacher-force tokens ``start .. start+count-1`` after ``cache``; positions begin at ``next_position``."""
     ids = token_ids[:, start:start + count]
+    from .pruning.attention import pruned_attention
+
     position_ids = torch.arange(next_position, next_position + count).unsqueeze(0)
-    out = model(ids, past_key_values=cache, position_ids=position_ids, use_cache=True)
+    with pruned_attention(model, cache):   # per-head padding masks, for ragged pruned caches
+        out = model(ids, past_key_values=cache, position_ids=position_ids, use_cache=True)
     return out.logits[0].float()
 
 

@@ -41,7 +41,7 @@ def test_reader_checks_in_order():
         Container(_with_preamble(data, major=2))
     assert Container(_with_preamble(data, minor=7)).version == (1, 7)  # newer minor: still readable
     with pytest.raises(FormatError, match="reserved flag"):
-        Container(_with_preamble(data, flags=1))
+        Container(_with_preamble(data, flags=2))  # bit 0 is PRUNED since 1.1; bit 1 is reserved
     with pytest.raises(FormatError, match="cap"):
         Container(_with_preamble(data, hlen=MAX_HEADER_BYTES + 1))
     with pytest.raises(FormatError, match="truncated"):

@@ -35,3 +35,10 @@ def test_golden_decodes(path):
                 assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
             else:  # lossy decode runs float maths (RoPE), which may differ in the last ulp across platforms
                 assert torch.allclose(got.float(), want.float(), rtol=1e-2, atol=1e-3 * float(want.float().abs().max()))
+    state = getattr(decoded, "seqkv_pruned", None)
+    assert (state is not None) == (info["pruning"] is not None)
+    if state is not None:  # pruned (1.1): the kept positions of every head, and the true next position
+        for i, kept in enumerate(state.kept):
+            for h, pos in enumerate(kept):
+                assert torch.equal(pos, expected[f"layer.{i}.kept.{h}"])
+        assert state.next_position == info["positions"]["next"]

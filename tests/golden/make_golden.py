@@ -19,8 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repo, when not
 import seqkv  # noqa: E402
 from conftest import tiny_cache, tiny_profile  # noqa: E402
 
-VERSION = "v1_1"  # the current format version: only its cases are (re)written
-CASES_V1_0 = {
+VERSION = "v1_1"  # only the files of this version are written; older versions' files are never regenerated
+V1_0_CASES = {  # written by the 1.0 writer (kept here to document them)
     "lossless_fp16": dict(family="llama", dtype=torch.float16, kw={"preset": "lossless"}),
     "lossless_bf16_positions": dict(family="qwen2", dtype=torch.bfloat16,
                                     kw={"preset": "lossless", "positions": list(range(0, 36, 3))}),
@@ -30,8 +30,11 @@ CASES_V1_0 = {
     "hadamard_lloydmax_fp32": dict(family="llama", dtype=torch.float32,
                                    kw={"preset": "balanced", "rotation": "hadamard", "quantizer": "lloydmax", "bits": 3}),
 }
-# 1.1 added the calibrated codec (klt, klt_uniform, temporal_ar; header "profile" and "rate_control")
-CASES = {
+CASES = {  # 1.1: pruned containers (flag PRUNED, docs/format.md §9) and the calibrated codec (§11)
+    "lossless_fp16_pruned_ragged": dict(family="llama", dtype=torch.float16,
+                                        kw={"preset": "lossless"}, prune={"name": "key_norm", "ratio": 0.5, "head_budget": "adaptive"}),
+    "balanced_bf16_pruned_chunk": dict(family="qwen2", dtype=torch.bfloat16,
+                                       kw={"preset": "balanced"}, prune={"name": "key_norm", "ratio": 0.5, "level": "chunk", "chunk_size": 3}),
     "calibrated_fp16": dict(family="llama", dtype=torch.float16, tokens=40, kw={"scale": 0.03}, profile=True),
 }
 
@@ -39,12 +42,14 @@ CASES = {
 def main():
     for name, case in CASES.items():
         model, cache = tiny_cache(case["family"], tokens=case.get("tokens", 12), dtype=case["dtype"], seed=7)
+        prune = dict(case.get("prune") or {})
+        pruner = seqkv.pruner(prune.pop("name"), **prune) if prune else None
         base = os.path.join(HERE, f"{VERSION}_{name}")
         profile = None
         if case.get("profile"):
             profile = tiny_profile(case["family"])
             profile.save(base + ".profile.safetensors")
-        blob = seqkv.encode(cache, model=model, profile=profile, **case["kw"])
+        blob = seqkv.encode(cache, model=model, prune=pruner, profile=profile, **case["kw"])
         with open(base + ".skv", "wb") as f:
             f.write(blob)
         decoded = seqkv.decode(blob, profile=profile)
@@ -52,6 +57,10 @@ def main():
         for i, layer in enumerate(decoded.layers):
             tensors[f"layer.{i}.keys"] = layer.keys.contiguous()
             tensors[f"layer.{i}.values"] = layer.values.contiguous()
+        state = getattr(decoded, "seqkv_pruned", None)
+        for i, kept in enumerate(state.kept if state is not None else []):
+            for h, pos in enumerate(kept):
+                tensors[f"layer.{i}.kept.{h}"] = pos.clone()
         save_file(tensors, base + ".expected.safetensors")
         print(base, len(blob))
 

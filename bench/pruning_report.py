@@ -1,0 +1,180 @@
+"""docs/pruning.md (+ pruning.png) from the json that bench/pruning_eval.py writes."""
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from statistics import mean
+
+
+def _fmt(v, f=".4f"):
+    return "–" if v is None else format(v, f)
+
+
+def write_report(json_path: str, out_dir: str) -> str:
+    with open(json_path) as f:
+        data = json.load(f)
+    meta, rows = data["meta"], data["rows"]
+    texts = meta["texts"]
+    lines = [
+        "# Token pruning on SmolLM2-135M",
+        "",
+        f"Protocol (design notes §5): prefill P={meta['prompt']} tokens of each bench text, prune and/or encode+decode "
+        f"the fp16 cache, teacher-force the next C={meta['continuation']} tokens with `position_ids` continuing at P, "
+        "and compare with the unpruned cache: mean KL(p_ref ‖ p_test), p99, top-1 agreement, perplexity ratio. "
+        "Ratio = raw fp16 bytes of the *unpruned* cache / every container byte.",
+        "",
+        f"Model: {meta['model']}; cache dtype {meta['cache_dtype']}. TriAttention is calibrated on "
+        f"`{meta['calibration_text']}` ({meta['calibration_tokens']} tokens), which is not an evaluation text. "
+        "SnapKV (window 64, kernel 5) and expected attention (512 future positions, 4 sinks, covariance, value norms) "
+        "are reimplementations of kvpress 0.5.5's scorers (kvpress needs transformers < 5.3, so it cannot sit beside "
+        "transformers 5 here); every pruner keeps the same number of tokens per head (kvpress's default) unless "
+        "marked *AdaKV heads* (the layer's budget shared across heads, kvpress's AdaKVPress with a 0.2 safeguard).",
+        "",
+        f"Reproduce: `{meta['command']}`" + "".join(f", then `{c}`" for c in meta.get("merged_commands", [])),
+        "",
+        "## 1. Pruning alone: mean KL at 2x (ratio 0.5) and 4x (ratio 0.75)",
+        "",
+    ]
+    prune = [r for r in rows if r["kind"] == "prune"]
+    methods = list(dict.fromkeys(r["method"] for r in prune))
+    ratios = sorted({r["prune_ratio"] for r in prune})
+    by = {(r["method"], r["prune_ratio"], r["text"]): r for r in prune}
+    for ratio in ratios:
+        lines += [f"**ratio {ratio} ({1 / (1 - ratio):.0f}x fewer tokens)**", "",
+                  "| pruner | " + " | ".join(texts) + " | mean | p99 (mean) | top-1 (mean) | ppl ratio (mean) |",
+                  "|---|" + "---|" * (len(texts) + 4)]
+        for m in methods:
+            rs = [by.get((m, ratio, t)) for t in texts]
+            if any(r is None for r in rs):
+                continue
+            lines.append(f"| {m} | " + " | ".join(_fmt(r["mean_kl"]) for r in rs) +
+                         f" | {_fmt(mean(r['mean_kl'] for r in rs))} | {_fmt(mean(r['p99_kl'] for r in rs), '.3f')} | "
+                         f"{_fmt(mean(r['top1'] for r in rs), '.3f')} | {_fmt(mean(r['ppl_ratio'] for r in rs), '.3f')} |")
+        lines.append("")
+    summary = []
+    for ratio in ratios:
+        means = {m: mean(by[(m, ratio, t)]["mean_kl"] for t in texts) for m in methods
+                 if all((m, ratio, t) in by for t in texts)}
+        best = min(means, key=means.get)
+        beats = sum(by[(best, ratio, t)]["mean_kl"] < by[("SnapKV", ratio, t)]["mean_kl"] for t in texts)
+        summary.append(f"- ratio {ratio}: lowest mean KL over the texts: **{best}** ({means[best]:.4f}, SnapKV "
+                       f"{means['SnapKV']:.4f}); it beats SnapKV on {beats}/{len(texts)} texts")
+    lines += ["**Summary**", ""] + summary + [
+        "", "Caveat: the ensemble rows (z-normalised log-scores of SnapKV and expected attention, optionally "
+        "TriAttention; `seqkv/pruning/ensemble.py`) were added after a first run on these same three texts, so "
+        "their win here is partly selected; the held-out text below is the check, and there SnapKV stays better.", ""]
+    # target: best pruner vs SnapKV per text
+    lines += ["**Against SnapKV, per text** (the target: beat SnapKV's mean KL at 2x and 4x on at least 3 texts)", ""]
+    for ratio in ratios:
+        snap = {t: by[("SnapKV", ratio, t)]["mean_kl"] for t in texts if ("SnapKV", ratio, t) in by}
+        for m in methods:
+            if m == "SnapKV":
+                continue
+            wins = [t for t in texts if (m, ratio, t) in by and t in snap and by[(m, ratio, t)]["mean_kl"] < snap[t]]
+            lines.append(f"- ratio {ratio}: {m} beats SnapKV on {len(wins)}/{len(texts)} texts")
+        lines.append("")
+    held = os.path.join(os.path.dirname(json_path), "pruning_heldout.json")
+    if os.path.exists(held):
+        with open(held) as f:
+            h = json.load(f)
+        lines += ["**Held-out check** on a text not used to pick the pruners: "
+                  f"`{', '.join(h['meta']['texts'])}` (the continuation repeats license text seen earlier, a hard case; "
+                  "TriAttention is left out because it was calibrated on this text). "
+                  f"Command: `{h['meta']['command']}`", "",
+                  "| pruner | ratio | mean KL | p99 KL | top-1 | ppl ratio |", "|---|---|---|---|---|---|"]
+        for r in h["rows"]:
+            lines.append(f"| {r['method']} | {r['prune_ratio']} | {_fmt(r['mean_kl'])} | {_fmt(r['p99_kl'], '.3f')} | "
+                         f"{_fmt(r['top1'], '.3f')} | {_fmt(r['ppl_ratio'], '.3f')} |")
+        lines.append("")
+    # matched bytes
+    lines += ["## 2. Pruning vs quantization vs both, at matched bytes", "",
+              "Quantization alone: the `balanced` pipeline with a `step=` sweep (uniform quantizer, pre-RoPE keys, "
+              "context ANS). Pruning alone: the pruned cache in the `lossless` container. Combined: "
+              f"{', '.join(meta.get('combine_with', []))} pruning, then the `balanced` pipeline at a step.", ""]
+    for t in texts:
+        lines += [f"**{t}**", "", "| kind | method | prune ratio | step | bytes | ratio vs fp16 | mean KL | p99 KL | top-1 |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        pts = sorted([r for r in rows if r["text"] == t and "bytes" in r], key=lambda r: r["bytes"])
+        for r in pts:
+            lines.append(f"| {r['kind']} | {r['method']} | {r.get('prune_ratio', '–')} | {r.get('step', '–')} | {r['bytes']} | "
+                         f"{r['ratio']:.2f}x | {_fmt(r['mean_kl'])} | {_fmt(r['p99_kl'], '.3f')} | {_fmt(r['top1'], '.3f')} |")
+        lines.append("")
+    lines += _frontier(rows, texts)
+    png = _plot(rows, texts, out_dir)
+    if png:
+        lines += ["", f"![rate-distortion]({os.path.basename(png)})", ""]
+    md = os.path.join(out_dir, "pruning.md")
+    with open(md, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return md
+
+
+def _frontier(rows, texts):
+    """For each text: does any combined point beat quantization alone (lower KL at no more bytes)?"""
+    out = ["**Does combining win?** For each combined point, the quantization-alone KL at the same bytes "
+           "(log-linear interpolation between the two nearest `step` points):", ""]
+    import math
+
+    for t in texts:
+        q = sorted([r for r in rows if r["text"] == t and r["kind"] == "quant"], key=lambda r: r["bytes"])
+        wins = []
+        for r in (r for r in rows if r["text"] == t and r["kind"] in ("prune+quant", "prune+lossless")):
+            lo = [p for p in q if p["bytes"] <= r["bytes"]]
+            hi = [p for p in q if p["bytes"] >= r["bytes"]]
+            if not lo or not hi:
+                continue
+            a, b = lo[-1], hi[0]
+            if a is b:
+                kl = a["mean_kl"]
+            else:
+                w = (math.log(r["bytes"]) - math.log(a["bytes"])) / (math.log(b["bytes"]) - math.log(a["bytes"]))
+                kl = math.exp((1 - w) * math.log(a["mean_kl"]) + w * math.log(b["mean_kl"]))
+            if r["mean_kl"] < kl:
+                wins.append(f"{r['method']} ratio {r['prune_ratio']} step {r.get('step', 'lossless')} "
+                            f"({r['ratio']:.1f}x: KL {r['mean_kl']:.4f} vs {kl:.4f})")
+        out.append(f"- {t}: " + ("; ".join(wins) if wins else "no combined point beats quantization alone inside the "
+                                                                "range the step sweep covers"))
+    return out + [""]
+
+
+def _plot(rows, texts, out_dir):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(1, len(texts), figsize=(5 * len(texts), 4), squeeze=False)
+    styles = {"quant": ("o-", "quantization alone"), "prune+quant": ("s", "pruning + quantization"),
+              "prune+lossless": ("^-", "pruning alone (lossless)")}
+    for ax, t in zip(axes[0], texts):
+        series = sorted({(r["kind"], r["method"]) for r in rows if r["text"] == t and "bytes" in r})
+        for kind, method in series:
+            style, label = styles[kind]
+            pts = sorted([r for r in rows if r["text"] == t and r["kind"] == kind and r["method"] == method],
+                         key=lambda r: r["ratio"])
+            name = label if kind == "quant" else f"{label}: {method}"
+            ax.plot([p["ratio"] for p in pts], [p["mean_kl"] for p in pts], style, label=name, alpha=0.8)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%gx"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xticks([2, 3, 5, 7, 10, 15, 20, 30])
+        ax.set_xlabel("ratio vs fp16 (all bytes)")
+        ax.set_ylabel("mean KL")
+        ax.set_title(t)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "pruning.png")
+    fig.savefig(path, dpi=110)
+    return path
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(write_report(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else os.path.dirname(sys.argv[1])))

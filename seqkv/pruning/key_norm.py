@@ -1,0 +1,17 @@
+"""Key-norm (kvpress's KnormPress): keys with a small L2 norm draw the most attention; keep those."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import Pruner, ScoreContext, register
+
+
+@register
+@dataclass
+class KeyNormPruner(Pruner):
+    name = "key_norm"
+
+    def score(self, layer: int, keys: torch.Tensor, values: torch.Tensor, ctx: ScoreContext) -> torch.Tensor:
+        return -keys.float().norm(dim=-1)
