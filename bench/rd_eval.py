@@ -10,7 +10,8 @@ than the evaluation texts (`seqkv calibrate` uses bench/calibration/, these are 
 Rows per text: zstd-3; the presets near_lossless / balanced / small; the TurboQuant-style anchor
 (randomized Hadamard + Lloyd-Max at 3 and 4 bits, indices entropy-coded by seqkv's coder, which
 favours the anchor over its fixed-rate original); HF QuantizedCache's quanto int4 (if
-optimum-quanto is installed: axis 0, group 64, its own bytes: int4 data + fp16 scale and shift);
+optimum-quanto is installed: axis 0, group 64, as HF quantizes a prefill; bytes = the packed int4
+data + fp16 scale and shift per group of 64, i.e. 4.5 bits/element);
 the calibrated codec at several target_kl values.  Writes docs/rd.md, docs/rd.json, docs/rd_curve.png.
 """
 from __future__ import annotations
@@ -38,6 +39,15 @@ ANCHORS = {"turboquant-4bit": {"preset": "balanced", "rotation": "hadamard", "qu
            "turboquant-3bit": {"preset": "balanced", "rotation": "hadamard", "quantizer": "lloydmax", "bits": 3}}
 
 
+def _stored_bytes(t) -> int:
+    """Bytes a quanto tensor really holds: a PackedTensor reports the logical (unpacked) shape,
+    its ``_data`` is the packed uint8 storage (two int4 values per byte)."""
+    inner = getattr(t, "_data", None)
+    if isinstance(inner, torch.Tensor) and type(t).__name__ == "PackedTensor":
+        return inner.numel() * inner.element_size()
+    return t.numel() * t.element_size()
+
+
 def quanto_int4_row(probe: QualityProbe) -> EvalRow | None:
     """HF QuantizedCache (quanto backend) int4 on the stored cache, as it quantizes a prefill."""
     try:
@@ -53,7 +63,7 @@ def quanto_int4_row(probe: QualityProbe) -> EvalRow | None:
         for name, axis in (("keys", layer_q.axis_key), ("values", layer_q.axis_value)):
             x = getattr(layer, name)
             qt = layer_q._quantize(x.contiguous(), axis=axis)
-            nbytes += sum(t.numel() * t.element_size() for t in (qt._data, qt._scale, qt._shift))
+            nbytes += sum(_stored_bytes(t) for t in (qt._data, qt._scale, qt._shift))
             elements += x.numel()
             setattr(layer, name, layer_q._dequantize(qt).to(x.dtype))
     seconds = time.perf_counter() - t0
@@ -100,11 +110,27 @@ def main() -> None:
     ap.add_argument("--profile", required=True)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=os.path.join(ROOT, "docs"))
+    ap.add_argument("--redo-quanto", action="store_true",
+                    help="re-measure only the quanto rows of an existing rd.json (then re-render the outputs)")
     args = ap.parse_args()
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     profile = Profile.load(args.profile)
     model, tok = load_embedded_model()
     texts = TEXTS[:2] if args.quick else TEXTS
+    if args.redo_quanto:
+        with open(os.path.join(args.out, "rd.json")) as f:
+            saved = json.load(f)
+        for name, rows in saved["results"].items():
+            with open(os.path.join(ROOT, "bench", "texts", name), encoding="utf-8") as f:
+                probe = QualityProbe(model, load_token_ids(tok, f.read()), 2048, 256)
+            row = quanto_int4_row(probe).as_dict()
+            saved["results"][name] = [row if r["name"] == row["name"] else r for r in rows]
+            print(name, row["name"], f"{row['ratio']:.2f}x KL {row['mean_kl']:.5f}", flush=True)
+        with open(os.path.join(args.out, "rd.json"), "w") as f:
+            json.dump(saved, f, indent=1)
+        write_markdown(saved["results"], saved["meta"], os.path.join(args.out, "rd.md"))
+        plot(saved["results"], os.path.join(args.out, "rd_curve.png"))
+        return
     targets = [0.001, 0.01] if args.quick else TARGETS
     configs = {**ANCHORS, **{f"target_kl={t}": {"target_kl": t} for t in targets},
                **{f"bits_per_element={b}": {"bits_per_element": b} for b in RATES}}
