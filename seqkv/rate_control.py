@@ -26,6 +26,7 @@ from .stages.quantize_klt import MAX_SCALE, MIN_SCALE, component_steps, quantize
 DEFAULT_TARGET_KL = 0.01
 DEFAULT_KL_MARGIN = 1.0
 SUBSAMPLE_TOKENS = 128
+START_SCALE = 0.02           # a typical knob for KL 0.01 on SmolLM2; only the search's starting point
 KL_SEARCH_STEPS = 30
 KL_TOLERANCE = 0.01         # target_kl: the predicted KL lands within 1 % below the goal
 BYTES_SEARCH_STEPS = 12
@@ -110,12 +111,33 @@ def scale_for_kl(profile, bodies: dict, target: float, rounding: float, margin: 
     def f(log_scale):
         return math.log(max(predicted_kl(profile, sample, math.exp(log_scale), rounding, cross_layer), 1e-300)) - goal
 
-    lo, hi = math.log(MIN_SCALE), math.log(10.0)
-    f_lo, f_hi = f(lo), f(hi)
-    if f_lo > 0:
+    lo_limit, hi_limit = math.log(MIN_SCALE), math.log(10.0)
+    close = -math.log1p(KL_TOLERANCE)
+    # bracket the goal from a typical scale, stepping with KL ~ scale^2 (usually two or three evaluations)
+    tried = {}
+    x = math.log(START_SCALE)
+    for _ in range(KL_SEARCH_STEPS):
+        tried[x] = fx = f(x)
+        if close < fx <= 0:
+            return math.exp(x)
+        below = [t for t, v in tried.items() if v <= 0]
+        above = [t for t, v in tried.items() if v > 0]
+        if below and above:
+            break
+        if x <= lo_limit and fx > 0:
+            raise EncodeError(f"target_kl={target} is below what the finest quantizer step reaches")
+        if x >= hi_limit and fx <= 0:
+            return math.exp(x)
+        step = -fx / 2
+        x = min(max(x + (step if abs(step) > 0.05 else math.copysign(0.05, step)), lo_limit), hi_limit)
+    below = [t for t, v in tried.items() if v <= 0]
+    above = [t for t, v in tried.items() if v > 0]
+    if not below:
         raise EncodeError(f"target_kl={target} is below what the finest quantizer step reaches")
-    if f_hi <= 0:
-        return math.exp(hi)
+    if not above:
+        return math.exp(max(below))
+    lo, hi = max(below), min(above)
+    f_lo, f_hi = tried[lo], tried[hi]
     side = 0
     for _ in range(KL_SEARCH_STEPS):
         x = (lo * f_hi - hi * f_lo) / (f_hi - f_lo)
@@ -125,7 +147,7 @@ def scale_for_kl(profile, bodies: dict, target: float, rounding: float, margin: 
             if side == -1:
                 f_hi /= 2
             side = -1
-            if fx > -math.log1p(KL_TOLERANCE):
+            if fx > close:
                 break
         else:
             hi, f_hi = x, fx
