@@ -388,6 +388,10 @@ class _Parsed:
             self.pipeline = _Pipeline(self.pipeline_config)
         except ConfigError as exc:
             raise FormatError(f"the container's pipeline is invalid or unknown to this version: {exc}") from None
+        # the preamble's minor is not under a checksum: it must be the one the contents need
+        needed = 1 if (c.flags & FLAG_PRUNED or self.pipeline.needs_profile) else 0
+        if c.version[1] != needed:
+            raise FormatError(f"the preamble says format 1.{c.version[1]} but the contents are format 1.{needed}")
         self.profile_ref = h.get("profile")
         self.rate_control = h.get("rate_control")
         if self.pipeline.needs_profile != (self.profile_ref is not None):

@@ -70,6 +70,13 @@ class Container:
             raise UnsupportedVersionError(
                 f"container format {major}.{minor} is not supported by this seqkv (reads {FORMAT_MAJOR}.x)"
             )
+        if minor > FORMAT_MINOR:
+            # writers always write the lowest minor their features need: a newer minor means a feature
+            # this reader does not know
+            raise UnsupportedVersionError(
+                f"container format {major}.{minor} was written by a newer seqkv (this one reads up to "
+                f"{FORMAT_MAJOR}.{FORMAT_MINOR})"
+            )
         self.version = (major, minor)
         if flags & ~KNOWN_FLAGS:
             raise FormatError(f"reserved flag bits are set (flags=0x{flags:04x})")

@@ -1,3 +1,4 @@
+import os
 import json
 
 import pytest
@@ -39,7 +40,9 @@ def test_reader_checks_in_order():
         Container(b"X" + data[1:])
     with pytest.raises(UnsupportedVersionError):
         Container(_with_preamble(data, major=2))
-    assert Container(_with_preamble(data, minor=7)).version == (1, 7)  # newer minor: still readable
+    # a newer minor means a feature this reader lacks (writers write the lowest minor they need)
+    with pytest.raises(UnsupportedVersionError, match="newer"):
+        Container(_with_preamble(data, minor=7))
     with pytest.raises(FormatError, match="reserved flag"):
         Container(_with_preamble(data, flags=2))  # bit 0 is PRUNED since 1.1; bit 1 is reserved
     with pytest.raises(FormatError, match="cap"):
@@ -81,3 +84,20 @@ def test_malformed_section_table():
     header = b"\xff\xfe"
     with pytest.raises(FormatError, match="JSON"):
         Container(PREAMBLE.pack(MAGIC, 1, 0, 0, len(header), crc32c(header)) + header)
+
+
+def test_preamble_minor_must_match_the_contents():
+    """The minor byte is outside every checksum: a 1.0 container claiming 1.1 (or the reverse) is refused."""
+    import seqkv
+    from seqkv.errors import DecodeError
+
+    golden = os.path.join(os.path.dirname(__file__), "golden")
+    with open(os.path.join(golden, "v1_0_balanced_fp16.skv"), "rb") as f:
+        old = f.read()
+    with pytest.raises(DecodeError, match="preamble says format 1.1"):
+        seqkv.decode(_with_preamble(old, minor=1))
+    with open(os.path.join(golden, "v1_1_calibrated_fp16.skv"), "rb") as f:
+        new = f.read()
+    profile = seqkv.Profile.load(os.path.join(golden, "v1_1_calibrated_fp16.profile.safetensors"))
+    with pytest.raises(DecodeError, match="preamble says format 1.0"):
+        seqkv.decode(_with_preamble(new, minor=0), profile=profile)

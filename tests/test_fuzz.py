@@ -65,7 +65,8 @@ def reseal(header: dict, sections: list[bytes]) -> bytes:
         offset += len(payload)
     header = dict(header, sections=table)
     hb = json.dumps(header).encode()
-    return PREAMBLE.pack(MAGIC, 1, 0, 0, len(hb), crc32c(hb)) + hb + b"".join(sections)
+    minor = 1 if "profile" in header else 0  # calibrated containers are 1.1 (docs/format.md §2)
+    return PREAMBLE.pack(MAGIC, 1, minor, 0, len(hb), crc32c(hb)) + hb + b"".join(sections)
 
 
 def split(data: bytes):
