@@ -36,23 +36,17 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
-def real_profile(real_model):
+def real_profile():
     """The calibrated profile of the embedded model: $SEQKV_PROFILE, else calibrated once on
     bench/calibration/ (a few minutes) and kept in build/smollm2.profile.safetensors."""
     import seqkv
 
     path = os.environ.get("SEQKV_PROFILE") or os.path.join(
         os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "build", "smollm2.profile.safetensors")
-    if os.path.exists(path):
-        return seqkv.Profile.load(path)
-    model, tok = real_model
-    calib = os.path.join(os.path.dirname(os.path.abspath(__file__)), "calibration")
-    texts = []
-    for name in sorted(os.listdir(calib)):
-        if name.endswith(".txt"):
-            with open(os.path.join(calib, name), encoding="utf-8") as f:
-                texts.append(f.read())
-    profile = seqkv.calibrate(model, texts, tokenizer=tok)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    profile.save(path)
-    return profile
+    if not os.path.exists(path):
+        from seqkv.cli import main
+
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if main(["calibrate", "-o", path]) != 0:  # the documented command, so the profile is the same one
+            raise RuntimeError("seqkv calibrate failed")
+    return seqkv.Profile.load(path)

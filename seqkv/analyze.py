@@ -26,6 +26,8 @@ import torch
 from .codec import KINDS, _Parsed, encode, section_name
 from .errors import ConfigError
 from .stages.base import TensorContext
+from .stages.klt import KLTransform, rows_of
+from .stages.rope import PreRope
 
 ESTIMATE_CLIP = 4096  # symbols beyond this are clipped for the entropy estimates only
 JOINT_CLIP = 63  # symbols are clipped to +-63 for the joint histograms of H(q_t | q_{t-1})
@@ -195,7 +197,7 @@ def analyze(cache_or_data, *, profile=None, model=None, original=None, **encode_
                     rd_layer = rd
                     if kind in prev_rows:
                         rd_layer = _gauss_rate(torch.minimum(var, _holdout_residual_var(z, prev_rows[kind])), dist) * z.shape[0] / elements
-                    prev_rows[kind] = _rows(dec.float())[sinks:]
+                    prev_rows[kind] = rows_of(dec.float())[sinks:]
             out.append(TensorAnalysis(
                 layer=i, kind=kind, coded=section_bits / elements, sink=sink_bits / elements,
                 symbol_bits=8 * parts.coder_bytes / elements,
@@ -210,14 +212,8 @@ def analyze(cache_or_data, *, profile=None, model=None, original=None, **encode_
                     predicted_kl=rc.get("predicted_kl") if isinstance(rc, dict) else None)
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    return x.permute(1, 0, 2).reshape(x.shape[1], -1)
-
-
 def _klt_rows(x: torch.Tensor, ctx: TensorContext, profile) -> torch.Tensor:
-    """A cached tensor [H, T, D] -> its KLT coefficients [T, H*D] in the profile's basis (keys pre-RoPE)."""
-    from .stages.rope import PreRope
-
-    y = PreRope().forward(x, ctx)
-    part = profile.parts[(ctx.layer, ctx.kind)]
-    return (_rows(y) - part.mean) @ part.basis
+    """A cached tensor [H, T, D] -> its KLT coefficients [T, H*D] in ``profile``'s basis (the codec's own stages)."""
+    klt_ctx = TensorContext(layer=ctx.layer, kind=ctx.kind, positions=ctx.positions, layout=ctx.layout,
+                            extra={"profile": profile})
+    return rows_of(KLTransform().forward(PreRope().forward(x, klt_ctx), klt_ctx))

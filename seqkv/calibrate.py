@@ -27,7 +27,8 @@ from .layout import layout_from_model
 from .profile import KINDS, LayerKindProfile, Profile
 from .progress import progress_bar
 from .quality import QualityProbe, clone_cache
-from .stages.rope import apply_rope, remove_rope
+from .stages.klt import from_rows, rows_of
+from .stages.rope import keys_to_post_rope, keys_to_pre_rope
 
 DEFAULT_SINK_TOKENS = 4
 NOISE_RMS_FRACTION = 0.05     # calibration noise, relative to the tensor's RMS
@@ -51,19 +52,6 @@ def _token_sequences(texts_or_token_ids, tokenizer) -> list[torch.Tensor]:
     if not out:
         raise ConfigError("calibrate() needs at least one text or token-id sequence")
     return out
-
-
-def _pre_rope(x: torch.Tensor, kind: str, layout, positions: torch.Tensor) -> torch.Tensor:
-    """[H, T, D] cached tensor -> float32, keys without RoPE."""
-    x = x.to(torch.float32)
-    if kind == "keys" and layout.has_rope:
-        x = remove_rope(x, positions, torch.from_numpy(layout.inv_freq_array()), layout.rope_attention_scaling)
-    return x
-
-
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """[H, T, D] -> [T, H*D]: one row per token, all heads of the layer side by side."""
-    return x.permute(1, 0, 2).reshape(x.shape[1], -1)
 
 
 class _QueryEnergy:
@@ -124,16 +112,14 @@ def _channel_weights(model, layout, layer: int, kind: str, query_ms) -> torch.Te
 
 
 def _set_tensor(cache, layer: int, kind: str, x_pre: torch.Tensor, layout, positions) -> None:
-    if kind == "keys" and layout.has_rope:
-        x_pre = apply_rope(x_pre, positions, torch.from_numpy(layout.inv_freq_array()), layout.rope_attention_scaling)
     old = getattr(cache.layers[layer], kind)
-    setattr(cache.layers[layer], kind, x_pre[None].to(old.dtype))
+    setattr(cache.layers[layer], kind, keys_to_post_rope(x_pre, kind, positions, layout)[None].to(old.dtype))
 
 
 def _sensitivity(probe: QualityProbe, layout, part: LayerKindProfile, layer: int, kind: str, sinks: int, seed: int) -> float:
     cache = clone_cache(probe.cache)
     positions = torch.arange(probe.prompt_len)
-    x = _pre_rope(getattr(cache.layers[layer], kind)[0], kind, layout, positions)
+    x = keys_to_pre_rope(getattr(cache.layers[layer], kind)[0], kind, positions, layout)
     body = x[:, sinks:]
     inv_w = 1.0 / part.weights
     sigma2 = (NOISE_RMS_FRACTION ** 2) * float(body.pow(2).mean()) / float(inv_w.mean())
@@ -141,18 +127,18 @@ def _sensitivity(probe: QualityProbe, layout, part: LayerKindProfile, layer: int
     noise = torch.randn(body.shape[1], part.basis.shape[0], generator=g) * (sigma2 * inv_w).sqrt()
     e = noise @ part.basis.T                               # KLT domain -> channels, [T, H*D]
     y = x.clone()
-    y[:, sinks:] += e.reshape(body.shape[1], x.shape[0], x.shape[2]).permute(1, 0, 2)
+    y[:, sinks:] += from_rows(e, x.shape[0], x.shape[2])
     _set_tensor(cache, layer, kind, y, layout, positions)
     return max(probe.score(cache).mean_kl, 1e-12) / sigma2
 
 
 def calibrate(model, texts_or_token_ids, *, tokenizer=None, prompt_len: int = 2048, continuation_len: int = 256,
-              sink_tokens: int = DEFAULT_SINK_TOKENS, progress: bool = False) -> Profile:
+              sink_tokens: int = DEFAULT_SINK_TOKENS, progress: bool = False, info: dict | None = None) -> Profile:
     """Calibrate a profile of ``model`` on real text (strings with ``tokenizer=``, or token-id sequences).
 
     Each sequence contributes up to ``prompt_len`` tokens of statistics; sensitivities and
     ``kl_gain`` are measured on every sequence with at least 64 + ``continuation_len`` + 1
-    tokens (the first one must have them).
+    tokens (the first one must have them).  ``info`` adds facts to the profile's ``info`` (e.g. text names).
     """
     from .codec import decode, encode, inspect  # late: codec imports the profile stages
 
@@ -184,8 +170,8 @@ def calibrate(model, texts_or_token_ids, *, tokenizer=None, prompt_len: int = 20
             for i, layer in enumerate(cache.layers):
                 for kind in KINDS:
                     # as a server stores it: fp16
-                    x = _pre_rope(getattr(layer, kind)[0].to(torch.float16), kind, layout, positions)
-                    rows = _rows(x)[sink_tokens:].to(torch.float64)
+                    x = keys_to_pre_rope(getattr(layer, kind)[0].to(torch.float16), kind, positions, layout)
+                    rows = rows_of(x)[sink_tokens:].to(torch.float64)
                     s = sums[(i, kind)]
                     s[0] += rows.shape[0]
                     s[1] += rows.sum(0)
@@ -233,7 +219,7 @@ def calibrate(model, texts_or_token_ids, *, tokenizer=None, prompt_len: int = 20
     info = {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "sequences": len(seqs), "tokens": int(sum(min(len(s), prompt_len) for s in seqs)),
-        "prompt_len": prompt_len, "continuation_len": continuation_len,
+        "prompt_len": prompt_len, "continuation_len": continuation_len, **(info or {}),
     }
     profile = Profile(layout=layout, sink_tokens=sink_tokens, parts=parts, kl_gain=1.0, info=info)
 
@@ -247,5 +233,5 @@ def calibrate(model, texts_or_token_ids, *, tokenizer=None, prompt_len: int = 20
             gains.append(true / max(predicted, 1e-12))
     profile.kl_gain = float(max(gains))
     profile.info["kl_gain_samples"] = [round(g, 4) for g in gains]
-    profile._bytes = None
+    profile.changed()
     return profile

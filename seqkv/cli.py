@@ -203,9 +203,8 @@ def cmd_calibrate(args) -> int:
     model, tokenizer = _model()
     t0 = time.perf_counter()
     profile = calibrate(model, [_read_text(p) for p in paths], tokenizer=tokenizer, prompt_len=args.tokens,
-                        continuation_len=args.continuation_len, progress=True)
-    profile.info["texts"] = [os.path.basename(p) for p in paths]
-    profile._bytes = None
+                        continuation_len=args.continuation_len, progress=True,
+                        info={"texts": [os.path.basename(p) for p in paths]})
     profile.save(args.output)
     print(f"wrote {args.output}: {profile.nbytes} bytes, sha256 {profile.hash}, kl_gain {profile.kl_gain:.3f} "
           f"(samples {profile.info['kl_gain_samples']}), {time.perf_counter() - t0:.0f} s")

@@ -41,6 +41,7 @@ class _Pipeline:
         self.config = config
         self.lossless = config["mode"] == "lossless"
         self.needs_profile = False  # set below for pipelines whose stages read the model profile
+        self.cross_layer = False    # set below when a section depends on the previous layer's
         self.coder = self._stage(config.get("coder"), "tensor_coder" if self.lossless else "symbol_coder")
         if self.lossless:
             return
@@ -56,6 +57,7 @@ class _Pipeline:
         self.predictor = None if predictor is None else self._stage(predictor, "predictor")
         # a pipeline whose stages read the model profile (the KLT and its quantizer)
         self.needs_profile = any(t.id == "klt" for t in self.transforms) or self.quantizer.id == "klt_uniform"
+        self.cross_layer = bool(getattr(self.quantizer, "cross_layer", False))
 
     @staticmethod
     def _stage(config, role: str):
@@ -328,7 +330,7 @@ def _encode_calibrated(cache, profile, *, model, config, positions, progress, ta
     if target.kind == "scale":
         return container_at(target.value)
     kl_scale = scale_for_kl(profile, bodies, target.value if target.kind == "kl" else DEFAULT_TARGET_KL,
-                            rounding, kl_margin, cross_layer=pipeline.quantizer.get_config().get("cross_layer", False))
+                            rounding, kl_margin, cross_layer=pipeline.cross_layer)
     if target.kind == "kl":
         return container_at(kl_scale)
     elements = len(layers) * 2 * layers[0][0].numel()
@@ -401,9 +403,7 @@ class _Parsed:
                                                  and _is_count(self.profile_ref.get("bytes"))):
             raise FormatError(f"invalid profile reference {self.profile_ref!r}")
         self.profile = None
-        # cross-layer prediction chains each layer to the previous one of its kind
-        self.chained = bool(self.pipeline.needs_profile and self.pipeline.quantizer.get_config().get("cross_layer"))
-        self.chain: dict = {}
+        self.chain: dict = {}  # cross-layer prediction: the last decoded reconstruction per kind
         self.pruning = None
         if c.flags & FLAG_PRUNED:
             from .pruning.container import PrunedInfo
@@ -438,7 +438,7 @@ class _Parsed:
         self.profile = profile
 
     def decode_layer(self, i: int):
-        if self.chained and i > 0 and any(self.chain.get(k, (-1,))[0] != i - 1 for k in KINDS):
+        if self.pipeline.cross_layer and i > 0 and any(self.chain.get(k, (-1,))[0] != i - 1 for k in KINDS):
             # a chained section needs the previous layer's reconstruction: decode the missing ones in order
             done = min(self.chain.get(k, (-1,))[0] for k in KINDS)
             for j in range(done + 1 if done < i else 0, i):

@@ -97,8 +97,9 @@ def evaluate_text(model, tokenizer, text: str, presets=("lossless", "near_lossle
         with_profile = {"profile": profile} if profile is not None and "preset" not in kwargs else {}
         blob, t_enc = _timed(lambda: codec.encode(probe.cache, model=model, **kwargs, **with_profile), repeat)  # noqa: B023
         decoded, t_dec = _timed(lambda: codec.decode(blob, **with_profile), repeat)  # noqa: B023
-        q = probe.score(decoded, next_position=codec.inspect(blob)["positions"]["next"])
-        rc = codec.inspect(blob).get("rate_control") or {}
+        info = codec.inspect(blob)
+        q = probe.score(decoded, next_position=info["positions"]["next"])
+        rc = info.get("rate_control") or {}
         rows.append(EvalRow(name, len(blob), raw_fp16 / len(blob), 8 * len(blob) / elements, q.mean_kl, q.p99_kl,
                             q.top1_agreement, q.ppl_ratio, mb / t_enc, mb / t_dec, rc.get("predicted_kl")))
     return rows

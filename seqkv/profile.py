@@ -73,6 +73,10 @@ class Profile:
     _bytes: bytes | None = field(default=None, repr=False, compare=False)
 
     # -- identity ---------------------------------------------------------------------------
+    def changed(self) -> None:
+        """Call after editing fields in place: the cached file bytes (and so the hash) are rebuilt."""
+        self._bytes = None
+
     def to_bytes(self) -> bytes:
         if self._bytes is None:
             from safetensors.torch import save

@@ -21,7 +21,11 @@ from dataclasses import dataclass
 import torch
 
 from .errors import ConfigError, EncodeError
-from .stages.quantize_klt import MAX_SCALE, MIN_SCALE, component_steps, quantize_symbols
+from .stages.base import TensorContext
+from .stages.quantize_uniform import quantize_symbols
+from .stages.quantize_klt import (
+    MAX_SCALE, MIN_SCALE, component_steps, cross_layer_prediction, remember_reconstruction, weighted_mse,
+)
 
 DEFAULT_TARGET_KL = 0.01
 DEFAULT_KL_MARGIN = 1.0
@@ -58,11 +62,11 @@ def parse_target(target_kl=None, bits_per_element=None, max_bytes=None, scale=No
     return RateTarget(kind, float(value))
 
 
-def weighted_mse(z_body: torch.Tensor, part, scale: float, rounding: float, pred: torch.Tensor | None = None):
-    """(mean over elements of weight_c * (z - z_hat)^2, z_hat) for one tensor's KLT coefficients [H, T, D].
+def quantization_error(z_body: torch.Tensor, part, scale: float, rounding: float, pred: torch.Tensor | None = None):
+    """(weighted MSE, z_hat) of quantizing one tensor's KLT coefficients [H, T, D] at ``scale``.
 
     With ``pred`` (the cross-layer prediction), components whose residual has the smaller
-    variance are quantized as residuals, like the quantizer's choice by entropy."""
+    variance are quantized as residuals: a cheap stand-in for the quantizer's choice by entropy."""
     heads, tokens, dim = z_body.shape
     if tokens == 0:
         return 0.0, z_body
@@ -72,24 +76,20 @@ def weighted_mse(z_body: torch.Tensor, part, scale: float, rounding: float, pred
         use = ((z_body - pred).pow(2).mean(1) < z_body.pow(2).mean(1))[:, None, :]
         recon_res = quantize_symbols(z_body - pred, steps, rounding) * steps[:, None, :] + pred
         recon = torch.where(use, recon_res, recon)
-    w = part.weights.reshape(heads, dim)
-    return float(((z_body - recon).pow(2).mean(1) * w).mean()), recon
+    return weighted_mse(z_body, recon, part), recon
 
 
 def predicted_kl(profile, bodies: dict, scale: float, rounding: float, cross_layer: bool = False) -> float:
-    """The profile's KL model for quantizing ``bodies`` ({(layer, kind): [H, T, D]}, in layer order)."""
+    """The profile's KL model for quantizing ``bodies`` ({(layer, kind): [H, T, D]}, in layer order),
+    chaining cross-layer predictions the way the quantizer does."""
     mse = {}
-    previous = {}
+    chain: dict = {}
     for (layer, kind), z in bodies.items():
         part = profile.parts[(layer, kind)]
-        pred = None
-        prev = previous.get(kind)
-        if cross_layer and part.cross is not None and prev is not None and prev[0] == layer - 1:
-            heads, tokens, dim = z.shape
-            rows = prev[1].permute(1, 0, 2).reshape(tokens, -1)
-            pred = (rows @ part.cross.T).reshape(tokens, heads, dim).permute(1, 0, 2)
-        mse[(layer, kind)], recon = weighted_mse(z, part, scale, rounding, pred)
-        previous[kind] = (layer, recon)
+        ctx = TensorContext(layer=layer, kind=kind, positions=None, layout=profile.layout, extra={"chain": chain})
+        pred = cross_layer_prediction(part, ctx, z.shape) if cross_layer else None
+        mse[(layer, kind)], recon = quantization_error(z, part, scale, rounding, pred)
+        remember_reconstruction(ctx, recon)
     return profile.predicted_kl(mse)
 
 

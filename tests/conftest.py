@@ -53,5 +53,5 @@ def tiny_profile(family: str = "llama", sensitivity: float | None = 50.0, seed: 
     if sensitivity is not None:
         for part in profile.parts.values():
             part.sensitivity = sensitivity
-        profile._bytes = None
+        profile.changed()
     return profile

@@ -21,24 +21,17 @@ from typing import ClassVar
 import torch
 
 from ..errors import ConfigError, PruneError
+from ..registry import Registry
 
 LEVELS = ("token", "layer", "chunk")
 HEAD_BUDGETS = ("uniform", "adaptive")
-_REGISTRY: dict[str, type] = {}
-
-
-def register(cls):
-    if cls.name in _REGISTRY:
-        raise RuntimeError(f"pruner {cls.name!r} registered twice")
-    _REGISTRY[cls.name] = cls
-    return cls
+_PRUNERS = Registry("pruner", key="name")
+register = _PRUNERS.register  # class decorator: make a pruner constructible by pruner(name)
 
 
 def pruner(name: str, **kwargs) -> "Pruner":
     """Build a pruner by name: ``seqkv.pruner("snapkv", ratio=0.5)``."""
-    cls = _REGISTRY.get(name)
-    if cls is None:
-        raise ConfigError(f"unknown pruner {name!r}; known: {sorted(_REGISTRY)}")
+    cls = _PRUNERS.get(name)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(kwargs) - names
     if unknown:
@@ -47,7 +40,7 @@ def pruner(name: str, **kwargs) -> "Pruner":
 
 
 def registered_pruners() -> list[str]:
-    return sorted(_REGISTRY)
+    return _PRUNERS.names()
 
 
 @dataclass

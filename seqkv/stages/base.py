@@ -11,29 +11,20 @@ from typing import ClassVar
 import torch
 
 from ..errors import ConfigError
+from ..registry import Registry
 
-_REGISTRY: dict[str, type] = {}
-
-
-def register(cls):
-    """Class decorator: make ``cls`` constructible by :func:`stage_from_config`."""
-    if cls.id in _REGISTRY:
-        raise RuntimeError(f"stage id {cls.id!r} registered twice")
-    _REGISTRY[cls.id] = cls
-    return cls
+_STAGES = Registry("stage", key="id")
+register = _STAGES.register  # class decorator: make a stage constructible by stage_from_config
 
 
 def stage_from_config(config) -> "Stage":
     if not isinstance(config, dict) or not isinstance(config.get("id"), str):
         raise ConfigError(f"a stage config must be a dict with a string 'id', got {config!r}")
-    cls = _REGISTRY.get(config["id"])
-    if cls is None:
-        raise ConfigError(f"unknown stage {config['id']!r} (known: {sorted(_REGISTRY)})")
-    return cls.from_config(config)
+    return _STAGES.get(config["id"]).from_config(config)
 
 
 def registered_stages() -> list[str]:
-    return sorted(_REGISTRY)
+    return _STAGES.names()
 
 
 @dataclass

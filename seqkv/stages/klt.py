@@ -14,6 +14,16 @@ from ..errors import ConfigError
 from .base import Stage, TensorContext, register
 
 
+def rows_of(x: torch.Tensor) -> torch.Tensor:
+    """[H, T, D] -> [T, H*D]: one row per token, the layer's heads side by side (component c = h*D + d)."""
+    return x.permute(1, 0, 2).reshape(x.shape[1], -1)
+
+
+def from_rows(rows: torch.Tensor, heads: int, dim: int) -> torch.Tensor:
+    """Inverse of :func:`rows_of`: [T, H*D] -> [H, T, D] (a view where possible)."""
+    return rows.reshape(rows.shape[0], heads, dim).permute(1, 0, 2)
+
+
 def profile_part(ctx: TensorContext):
     """The profile entry for the tensor in ``ctx``; ConfigError when no profile was given."""
     profile = ctx.extra.get("profile")
@@ -30,14 +40,8 @@ class KLTransform(Stage):
 
     def forward(self, x: torch.Tensor, ctx: TensorContext) -> torch.Tensor:
         part = profile_part(ctx)
-        heads, tokens, dim = x.shape
-        rows = x.permute(1, 0, 2).reshape(tokens, heads * dim)
-        z = (rows - part.mean) @ part.basis
-        return z.reshape(tokens, heads, dim).permute(1, 0, 2)
+        return from_rows((rows_of(x) - part.mean) @ part.basis, x.shape[0], x.shape[2])
 
     def inverse(self, y: torch.Tensor, ctx: TensorContext) -> torch.Tensor:
         part = profile_part(ctx)
-        heads, tokens, dim = y.shape
-        z = y.permute(1, 0, 2).reshape(tokens, heads * dim)
-        rows = torch.addmm(part.mean, z, part.basis.T)
-        return rows.reshape(tokens, heads, dim).permute(1, 0, 2)
+        return from_rows(torch.addmm(part.mean, rows_of(y), part.basis.T), y.shape[0], y.shape[2])

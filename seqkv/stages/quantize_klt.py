@@ -18,7 +18,8 @@ import torch
 from ..errors import ConfigError, FormatError, NonFiniteError
 from ..wire import Reader
 from .base import Stage, TensorContext, register
-from .klt import profile_part
+from .klt import from_rows, profile_part, rows_of
+from .quantize_uniform import quantize_symbols
 
 MIN_SCALE, MAX_SCALE = 1e-6, 1e6
 
@@ -28,25 +29,10 @@ def component_steps(part, scale: float, heads: int, dim: int) -> torch.Tensor:
     return part.steps(scale).reshape(heads, dim).to(torch.float32)
 
 
-def quantize_symbols(z: torch.Tensor, steps: torch.Tensor, rounding: float) -> torch.Tensor:
-    """z [H, T, D] / steps [H, D] -> integer symbols (as a float tensor), dead zone ``rounding``.
-
-    Reconstruction is at the cell midpoints, ``q * step``.  Measured on SmolLM2: moving
-    non-zero reconstructions to the cells' centroids (towards zero) lowers the MSE but
-    *raises* the continuation KL by 25-45 % at the same rate, because it shrinks attention
-    logits and values systematically; rounding < 0.5 (a dead zone) does the same.
-    """
-    scaled = z / steps[:, None, :]
-    return torch.sign(scaled) * torch.floor(scaled.abs() + rounding)
-
-
-def _rows(y: torch.Tensor) -> torch.Tensor:
-    """[H, T, D] -> [T, H*D] (component c = h*D + d), a copy."""
-    return y.permute(1, 0, 2).reshape(y.shape[1], -1)
-
-
-def _from_rows(rows: torch.Tensor, heads: int, dim: int) -> torch.Tensor:
-    return rows.reshape(rows.shape[0], heads, dim).permute(1, 0, 2)
+def weighted_mse(z: torch.Tensor, recon: torch.Tensor, part) -> float:
+    """Mean over elements of weight_c * (z - recon)^2 ([H, T, D], T > 0): what the profile's KL model reads."""
+    err = (z - recon).pow(2).mean(1)
+    return float((err * part.weights.reshape(err.shape)).mean())
 
 
 def cross_layer_prediction(part, ctx: TensorContext, shape) -> torch.Tensor | None:
@@ -57,12 +43,13 @@ def cross_layer_prediction(part, ctx: TensorContext, shape) -> torch.Tensor | No
     link = ctx.extra.get("chain", {}).get(ctx.kind)
     if part.cross is None or link is None or link[0] != ctx.layer - 1 or link[1].shape[0] != tokens:
         return None
-    return _from_rows(link[1] @ part.cross.T, heads, dim)
+    return from_rows(link[1] @ part.cross.T, heads, dim)
 
 
-def _remember(ctx: TensorContext, recon: torch.Tensor) -> None:
+def remember_reconstruction(ctx: TensorContext, recon: torch.Tensor) -> None:
+    """Keep this layer's reconstruction for the next layer's cross-layer prediction."""
     if "chain" in ctx.extra:
-        ctx.extra["chain"][ctx.kind] = (ctx.layer, _rows(recon))
+        ctx.extra["chain"][ctx.kind] = (ctx.layer, rows_of(recon))
 
 
 @register
@@ -119,9 +106,8 @@ class KLTQuantizer(Stage):
                 side += np.packbits(use.reshape(-1).numpy(), bitorder="little").tobytes()
         if tokens:
             # the weighted MSE this quantization causes: rate control's KL model reads it
-            err = (z - recon).pow_(2).mean(1)
-            ctx.extra.setdefault("weighted_mse", {})[(ctx.layer, ctx.kind)] = float((err * part.weights.reshape(err.shape)).mean())
-        _remember(ctx, recon)
+            ctx.extra.setdefault("weighted_mse", {})[(ctx.layer, ctx.kind)] = weighted_mse(z, recon, part)
+        remember_reconstruction(ctx, recon)
         if q.numel() and q.abs().max() > 2**30:
             raise NonFiniteError(f"layer {ctx.layer} {ctx.kind}: values too large for the quantizer")
         return q.to(torch.int32).numpy(), bytes(side)
@@ -156,7 +142,7 @@ class KLTQuantizer(Stage):
                 raise FormatError(f"layer {ctx.layer} {ctx.kind}: cross-layer prediction without layer "
                                   f"{ctx.layer - 1} decoded first")
             recon = recon + pred * use[:, None, :]
-        _remember(ctx, recon)
+        remember_reconstruction(ctx, recon)
         return recon
 
 

@@ -17,6 +17,18 @@ from ..wire import Reader
 from .base import Stage, TensorContext, register
 
 
+def quantize_symbols(x: torch.Tensor, steps: torch.Tensor, rounding: float) -> torch.Tensor:
+    """x [H, T, D] / steps [H, D] -> integer symbols (as a float tensor), dead zone ``rounding``.
+
+    Reconstruction is at the cell midpoints, ``q * step``.  Measured on SmolLM2 (calibrated
+    codec): moving non-zero reconstructions to the cells' centroids (towards zero) lowers the
+    MSE but *raises* the continuation KL by 25-45 % at the same rate, because it shrinks
+    attention logits and values systematically; rounding < 0.5 (a dead zone) does the same.
+    """
+    scaled = x / steps[:, None, :]
+    return torch.sign(scaled) * torch.floor(scaled.abs() + rounding)
+
+
 @register
 class UniformQuantizer(Stage):
     id = "uniform"
@@ -59,8 +71,7 @@ class UniformQuantizer(Stage):
                 "use preset='lossless' to keep them bit-exact"
             )
         steps = self.channel_steps(x, ctx.kind).to(torch.float32)
-        scaled = x / steps[:, None, :]
-        q = torch.sign(scaled) * torch.floor(scaled.abs() + self.rounding)
+        q = quantize_symbols(x, steps, self.rounding)
         if q.numel() and q.abs().max() > 2**30:
             raise NonFiniteError(f"layer {ctx.layer} {ctx.kind}: values too large for the quantizer")
         return q.to(torch.int32).numpy(), steps.numpy().astype("<f4").tobytes()

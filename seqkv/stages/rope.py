@@ -55,6 +55,22 @@ def remove_rope(keys: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Ten
     return _rotate(keys, cos, -sin, 1.0 / scaling)
 
 
+def keys_to_pre_rope(x: torch.Tensor, kind: str, positions: torch.Tensor, layout) -> torch.Tensor:
+    """A cached tensor [..., tokens, head_dim] -> float32 with RoPE removed from keys (values unchanged),
+    with the layout's inverse frequencies and attention scaling."""
+    x = x.to(torch.float32)
+    if kind != "keys" or not layout.has_rope:
+        return x
+    return remove_rope(x, positions, torch.as_tensor(layout.inv_freq_array()), float(layout.rope_attention_scaling))
+
+
+def keys_to_post_rope(y: torch.Tensor, kind: str, positions: torch.Tensor, layout) -> torch.Tensor:
+    """Inverse of :func:`keys_to_pre_rope` (stays float32)."""
+    if kind != "keys" or not layout.has_rope:
+        return y
+    return apply_rope(y, positions, torch.as_tensor(layout.inv_freq_array()), float(layout.rope_attention_scaling))
+
+
 from .base import Stage, TensorContext, register  # noqa: E402  (the stage wraps the functions above)
 
 
@@ -66,16 +82,8 @@ class PreRope(Stage):
     role = "transform"
     params = {}
 
-    def _args(self, ctx: TensorContext):
-        inv_freq = torch.as_tensor(ctx.layout.inv_freq_array())
-        return ctx.positions, inv_freq, float(ctx.layout.rope_attention_scaling)
-
     def forward(self, x: torch.Tensor, ctx: TensorContext) -> torch.Tensor:
-        if ctx.kind != "keys" or not ctx.layout.has_rope:
-            return x
-        return remove_rope(x, *self._args(ctx))
+        return keys_to_pre_rope(x, ctx.kind, ctx.positions, ctx.layout)
 
     def inverse(self, y: torch.Tensor, ctx: TensorContext) -> torch.Tensor:
-        if ctx.kind != "keys" or not ctx.layout.has_rope:
-            return y
-        return apply_rope(y, *self._args(ctx))
+        return keys_to_post_rope(y, ctx.kind, ctx.positions, ctx.layout)

@@ -36,7 +36,8 @@ from ..errors import ConfigError, FormatError, SeqKVError
 from ..hf_adapter import DTYPES_BY_NAME
 from ..layout import ModelLayout
 from ..stages.base import TensorContext
-from ..stages.rope import apply_rope, remove_rope
+from ..stages.quantize_uniform import quantize_symbols
+from ..stages.rope import keys_to_post_rope, keys_to_pre_rope
 from ..wire import Reader
 
 CHUNK_FORMAT = 1
@@ -49,19 +50,6 @@ def residual_capable(pipeline: _Pipeline) -> bool:
     return (pipeline.quantizer.id == "uniform" and [t.id for t in pipeline.transforms] == ["prerope"])
 
 
-def _pre_rope(x: torch.Tensor, kind: str, positions: torch.Tensor, layout: ModelLayout) -> torch.Tensor:
-    y = x.to(torch.float32)
-    if kind == "keys" and layout.has_rope:
-        y = remove_rope(y, positions, torch.as_tensor(layout.inv_freq_array()), float(layout.rope_attention_scaling))
-    return y
-
-
-def _post_rope(y: torch.Tensor, kind: str, positions: torch.Tensor, layout: ModelLayout) -> torch.Tensor:
-    if kind == "keys" and layout.has_rope:
-        y = apply_rope(y, positions, torch.as_tensor(layout.inv_freq_array()), float(layout.rope_attention_scaling))
-    return y
-
-
 def _bits(x: torch.Tensor, dtype_name: str) -> np.ndarray:
     torch_int, np_uint = _BITS_DTYPE[dtype_name]
     return x.contiguous().view(torch_int).numpy().view(np_uint)
@@ -70,12 +58,11 @@ def _bits(x: torch.Tensor, dtype_name: str) -> np.ndarray:
 def _encode_residual(pipeline: _Pipeline, x, b, kind, pos, bpos, layout, dtype_name) -> bytes:
     if pipeline.lossless:
         return pipeline.coder.encode(np.bitwise_xor(_bits(x, dtype_name), _bits(b, dtype_name)), dtype_name)
-    xp = _pre_rope(x, kind, pos, layout)
-    bp = _pre_rope(b, kind, bpos, layout)
+    xp = keys_to_pre_rope(x, kind, pos, layout)
+    bp = keys_to_pre_rope(b, kind, bpos, layout)
     q_stage = pipeline.quantizer
     steps = q_stage.channel_steps(bp, kind).to(torch.float32)
-    scaled = (xp - bp) / steps[:, None, :]
-    q = torch.sign(scaled) * torch.floor(scaled.abs() + q_stage.rounding)
+    q = quantize_symbols(xp - bp, steps, q_stage.rounding)
     if not torch.isfinite(q).all() or (q.numel() and q.abs().max() > 2**30):
         raise ValueError("residual out of range")
     return pipeline.coder.encode(q.to(torch.int32).numpy())
@@ -89,10 +76,10 @@ def _decode_residual(pipeline: _Pipeline, payload, b, kind, pos, bpos, layout, d
     reader = Reader(payload, what=what)
     q = pipeline.coder.decode(reader, shape)
     reader.expect_end()
-    bp = _pre_rope(b, kind, bpos, layout)
+    bp = keys_to_pre_rope(b, kind, bpos, layout)
     steps = pipeline.quantizer.channel_steps(bp, kind).to(torch.float32)
     y = bp + torch.from_numpy(np.ascontiguousarray(q)).to(torch.float32) * steps[:, None, :]
-    return _post_rope(y, kind, pos, layout).to(DTYPES_BY_NAME[dtype_name])
+    return keys_to_post_rope(y, kind, pos, layout).to(DTYPES_BY_NAME[dtype_name])
 
 
 def encode_chunk(layers, positions: torch.Tensor, pipeline_config: dict, layout: ModelLayout, dtype_name: str, *,
