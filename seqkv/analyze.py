@@ -169,12 +169,11 @@ def analyze(cache_or_data, *, profile=None, model=None, original=None, **encode_
     out = []
     prev_rows = {}
     for i in range(parsed.layers):
-        decoded = parsed.decode_layer(i)
+        symbols = {}
+        decoded = parsed.decode_layer(i, symbols_out=symbols)
         for kind, dec in zip(KINDS, decoded):
-            ctx = TensorContext(layer=i, kind=kind, positions=parsed.positions, layout=parsed.layout,
-                                extra={"profile": parsed.profile})
-            parts = parsed.pipeline.read_symbols(parsed.container.section(section_name(i, kind)), ctx, parsed.dtype,
-                                                 (parsed.heads, parsed.tokens, parsed.dim))
+            ctx = TensorContext(layer=i, kind=kind, positions=parsed.positions, layout=parsed.layout)
+            parts = symbols[(i, kind)]
             sinks = parts.sinks.shape[1]
             sym_cols = np.ascontiguousarray(parts.symbols.transpose(0, 2, 1)).reshape(-1, parts.symbols.shape[1]).astype(np.int64)
             res_cols = np.ascontiguousarray(parts.residuals.transpose(0, 2, 1)).reshape(-1, parts.residuals.shape[1]).astype(np.int64)
@@ -197,7 +196,7 @@ def analyze(cache_or_data, *, profile=None, model=None, original=None, **encode_
                     rd_layer = rd
                     if kind in prev_rows:
                         rd_layer = _gauss_rate(torch.minimum(var, _holdout_residual_var(z, prev_rows[kind])), dist) * z.shape[0] / elements
-                    prev_rows[kind] = rows_of(dec.float())[sinks:]
+                    prev_rows[kind] = zd  # the codec predicts from the previous layer's KLT reconstruction
             out.append(TensorAnalysis(
                 layer=i, kind=kind, coded=section_bits / elements, sink=sink_bits / elements,
                 symbol_bits=8 * parts.coder_bytes / elements,

@@ -103,13 +103,17 @@ class _Pipeline:
         out += self.coder.encode(q)
         return bytes(out)
 
-    def decode_tensor(self, payload, ctx: TensorContext, dtype_name: str, shape) -> torch.Tensor:
+    def decode_tensor(self, payload, ctx: TensorContext, dtype_name: str, shape, symbols_out: dict | None = None) -> torch.Tensor:
+        """Section bytes -> the tensor; ``symbols_out`` (lossy only) receives the section's
+        SectionSymbols under (layer, kind), for analyses that need them."""
         heads, tokens, dim = shape
         if self.lossless:
             torch_int, _ = _BITS_DTYPE[dtype_name]
             bits = self.coder.decode(payload, dtype_name, shape)
             return torch.from_numpy(np.ascontiguousarray(bits)).view(torch_int).view(DTYPES_BY_NAME[dtype_name])
-        sections = self.read_symbols(payload, ctx, dtype_name, shape)
+        sections = self.read_symbols(payload, ctx, dtype_name, shape, keep_residuals=symbols_out is not None)
+        if symbols_out is not None:
+            symbols_out[(ctx.layer, ctx.kind)] = sections
         sinks = sections.sinks.shape[1]
         y = torch.zeros(heads, tokens, dim)
         y[:, sinks:] = self.quantizer.dequantize(torch.from_numpy(sections.symbols), sections.side, ctx)
@@ -119,8 +123,12 @@ class _Pipeline:
         y[:, :sinks] = sections.sinks
         return y
 
-    def read_symbols(self, payload, ctx: TensorContext, dtype_name: str, shape) -> "SectionSymbols":
-        """A lossy section's parts: exact sinks, quantizer side info, coded residuals and symbols."""
+    def read_symbols(self, payload, ctx: TensorContext, dtype_name: str, shape,
+                     keep_residuals: bool = False) -> "SectionSymbols":
+        """A lossy section's parts: exact sinks, quantizer side info, coded residuals and symbols.
+
+        The predictor turns residuals into symbols in place; ``keep_residuals`` keeps a copy of
+        the residuals (for analysis), else ``residuals`` may hold the symbols."""
         heads, tokens, dim = shape
         reader = Reader(payload, what=section_name(ctx.layer, ctx.kind))
         sinks = min(self.sink_tokens, tokens)
@@ -131,7 +139,10 @@ class _Pipeline:
         coder_start = reader.pos
         residuals = self.coder.decode(reader, (heads, tokens - sinks, dim))
         reader.expect_end()
-        symbols = residuals if self.predictor is None else self.predictor.inverse(residuals, predictor_side, ctx)
+        if self.predictor is not None:
+            symbols = self.predictor.inverse(residuals.copy() if keep_residuals else residuals, predictor_side, ctx)
+        else:
+            symbols = residuals
         return SectionSymbols(sink_part, side, residuals, symbols, reader.pos - coder_start)
 
 
@@ -437,22 +448,23 @@ class _Parsed:
         profile.check_ref(self.profile_ref)
         self.profile = profile
 
-    def decode_layer(self, i: int):
+    def decode_layer(self, i: int, symbols_out: dict | None = None):
         if self.pipeline.cross_layer and i > 0 and any(self.chain.get(k, (-1,))[0] != i - 1 for k in KINDS):
             # a chained section needs the previous layer's reconstruction: decode the missing ones in order
             done = min(self.chain.get(k, (-1,))[0] for k in KINDS)
             for j in range(done + 1 if done < i else 0, i):
                 self._decode_layer(j)
-        return self._decode_layer(i)
+        return self._decode_layer(i, symbols_out)
 
-    def _decode_layer(self, i: int):
+    def _decode_layer(self, i: int, symbols_out: dict | None = None):
         out = []
         for kind in KINDS:
             ctx = TensorContext(layer=i, kind=kind, positions=self.positions, layout=self.layout,
                                 extra={"profile": self.profile, "chain": self.chain})
             payload = self.container.section(section_name(i, kind))
             try:
-                out.append(self.pipeline.decode_tensor(payload, ctx, self.dtype, (self.heads, self.tokens, self.dim)))
+                out.append(self.pipeline.decode_tensor(payload, ctx, self.dtype, (self.heads, self.tokens, self.dim),
+                                                       symbols_out))
             except SeqKVError:
                 raise
             except (ValueError, TypeError, IndexError, RuntimeError, OverflowError, MemoryError) as exc:
