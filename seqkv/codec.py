@@ -1,7 +1,7 @@
 """encode / decode / inspect: caches to container bytes and back."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -95,7 +95,8 @@ class _Pipeline:
         """Section bytes: exact sinks from ``x``, then ``y``'s other tokens quantized, predicted, coded."""
         sinks = min(self.sink_tokens, x.shape[1])
         out = bytearray(_raw_bytes(x[:, :sinks]))
-        q, side = self.quantizer.quantize(y[:, sinks:].contiguous(), ctx)
+        # no copy: the transform's layout (channel-major for the KLT) is the quantizer's and the coder's
+        q, side = self.quantizer.quantize(y[:, sinks:], ctx)
         out += side
         if self.predictor is not None:
             q, predictor_side = self.predictor.forward(q, ctx)
@@ -115,13 +116,17 @@ class _Pipeline:
         if symbols_out is not None:
             symbols_out[(ctx.layer, ctx.kind)] = sections
         sinks = sections.sinks.shape[1]
-        y = torch.zeros(heads, tokens, dim)
-        y[:, sinks:] = self.quantizer.dequantize(torch.from_numpy(sections.symbols), sections.side, ctx)
+        y = self.quantizer.dequantize(torch.from_numpy(sections.symbols), sections.side, ctx)
+        # every transform works token by token, so the inverse runs on the quantized tokens alone (the
+        # sinks are stored exact): no full-size buffer to fill first
+        body_ctx = ctx if not sinks or ctx.positions is None else replace(ctx, positions=ctx.positions[sinks:])
         for t in reversed(self.transforms):
-            y = t.inverse(y, ctx)
-        y = y.to(DTYPES_BY_NAME[dtype_name])
-        y[:, :sinks] = sections.sinks
-        return y
+            y = t.inverse(y, body_ctx)
+        # one pass converts the dtype and lays the result out [H, T, D] contiguously, as caches are
+        out = torch.empty((heads, tokens, dim), dtype=DTYPES_BY_NAME[dtype_name])
+        out[:, sinks:] = y
+        out[:, :sinks] = sections.sinks
+        return out
 
     def read_symbols(self, payload, ctx: TensorContext, dtype_name: str, shape,
                      keep_residuals: bool = False) -> "SectionSymbols":

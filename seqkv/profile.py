@@ -71,6 +71,7 @@ class Profile:
     kl_gain: float = 1.0              # true KL / linear-model KL, measured at calibration
     info: dict = field(default_factory=dict)  # calibration facts (texts, tokens, date), for humans
     _bytes: bytes | None = field(default=None, repr=False, compare=False)
+    _hash: tuple | None = field(default=None, repr=False, compare=False)  # (the bytes it hashed, hex digest)
 
     # -- identity ---------------------------------------------------------------------------
     def changed(self) -> None:
@@ -97,7 +98,11 @@ class Profile:
 
     @property
     def hash(self) -> str:
-        return hashlib.sha256(self.to_bytes()).hexdigest()
+        # every encode and decode checks it: hash the 17 MB once, not per call
+        data = self.to_bytes()
+        if self._hash is None or self._hash[0] is not data:
+            self._hash = (data, hashlib.sha256(data).hexdigest())
+        return self._hash[1]
 
     @property
     def nbytes(self) -> int:

@@ -7,7 +7,7 @@ Row r is coded as ``res[r, t] = q[r, t] - (k[r] * q[r, t-1] + 2) // 4`` (floor d
 import numpy as np
 cimport numpy as cnp
 from libc.stdint cimport int32_t, int64_t, uint8_t
-from libc.math cimport log2
+from .entropy cimport range_entropy_bits
 
 cnp.import_array()
 
@@ -45,25 +45,14 @@ cdef double _entropy_bits(const int32_t* values, Py_ssize_t n, int64_t[::1] hist
     """Plug-in entropy (total bits) of n ints; -2 when their range exceeds the histogram."""
     cdef Py_ssize_t t
     cdef int32_t lo = values[0], hi = values[0]
-    cdef double bits = 0.0
-    cdef int64_t c
+    cdef double bits
     for t in range(1, n):
         if values[t] < lo:
             lo = values[t]
         elif values[t] > hi:
             hi = values[t]
-    if <int64_t>hi - <int64_t>lo >= hist.shape[0]:
-        return -2.0
-    for t in range(hi - lo + 1):
-        hist[t] = 0
-    for t in range(n):
-        hist[values[t] - lo] += 1
-    bits = n * log2(<double>n)
-    for t in range(hi - lo + 1):
-        c = hist[t]
-        if c > 1:
-            bits -= c * log2(<double>c)
-    return bits
+    bits = range_entropy_bits(values, n, lo, hi, &hist[0], hist.shape[0])
+    return -2.0 if bits < 0 else bits
 
 
 def ar_encode(const int32_t[:, ::1] columns, Py_ssize_t max_range=1 << 16):
@@ -115,18 +104,3 @@ def ar_encode(const int32_t[:, ::1] columns, Py_ssize_t max_range=1 << 16):
         k[r] = <uint8_t>kk
         saved += bits0 - bits1
     return res_arr, k_arr, saved
-
-
-def row_entropy_bits(const int32_t[:, ::1] rows, Py_ssize_t max_range=1 << 16):
-    """Plug-in entropy (total bits) of every row; inf where a row's range exceeds max_range."""
-    cdef Py_ssize_t n = rows.shape[0], tokens = rows.shape[1], r
-    out = np.zeros(n, dtype=np.float64)
-    cdef double[::1] o = out
-    cdef int64_t[::1] hist = np.empty(max_range, dtype=np.int64)
-    cdef double bits
-    if tokens == 0:
-        return out
-    for r in range(n):
-        bits = _entropy_bits(&rows[r, 0], tokens, hist)
-        o[r] = bits if bits >= 0 else np.inf
-    return out

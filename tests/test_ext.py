@@ -477,3 +477,86 @@ def test_package_does_not_import_seqkv():
 
     code = "import sys, seqkv_ext; assert 'seqkv' not in sys.modules, sorted(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# -- quantize: the calibrated quantizer's encoder pass ------------------------------------------------------
+def _reference_quantize_rows(z, steps, rounding, pred=None):
+    """The same choice written with numpy, one row at a time (what quantize_klt did before the kernel)."""
+    def symbols(x):
+        v = (x / steps[:, None]).astype(np.float32)
+        return (np.sign(v) * np.floor(np.abs(v) + np.float32(rounding))).astype(np.int64)
+
+    def bits(row):
+        _, counts = np.unique(row, return_counts=True)
+        return float(len(row) * np.log2(len(row)) - (counts * np.log2(counts)).sum())
+
+    q = symbols(z)
+    use = np.zeros(len(z), dtype=bool)
+    if pred is not None:
+        q_res = symbols((z - pred).astype(np.float32))
+        use = np.array([bits(r) < bits(p) for r, p in zip(q_res, q)])
+        q = np.where(use[:, None], q_res, q)
+    recon = (q.astype(np.float32) * steps[:, None]).astype(np.float32)
+    if pred is not None:
+        recon = np.where(use[:, None], (recon + pred).astype(np.float32), recon)
+    err = ((z.astype(np.float64) - recon) ** 2).sum(1)
+    return q, recon, (use if pred is not None else None), err
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("predicted", [False, True])
+def test_quantize_rows_matches_reference(seed, predicted):
+    from seqkv_ext.quantize import quantize_rows
+
+    rng = np.random.default_rng(seed)
+    rows, tokens = int(rng.integers(1, 40)), int(rng.integers(1, 300))
+    z = (rng.standard_normal((rows, tokens)) * rng.uniform(0.1, 20, (rows, 1))).astype(np.float32)
+    steps = rng.uniform(0.05, 3.0, rows).astype(np.float32)
+    # half the rows are well predicted, half not: both choices must occur
+    noise = rng.standard_normal((rows, tokens)).astype(np.float32) * np.where(np.arange(rows) % 2, 0.1, 30)[:, None]
+    pred = (z + noise).astype(np.float32) if predicted else None
+    rounding = float(rng.choice([0.5, 0.3]))
+    q, recon, use, err = quantize_rows(z, steps, rounding, pred)
+    want_q, want_recon, want_use, want_err = _reference_quantize_rows(z, steps, rounding, pred)
+    assert q.dtype == np.int32 and recon.dtype == np.float32
+    np.testing.assert_array_equal(q, want_q)
+    np.testing.assert_array_equal(recon, want_recon)  # bit for bit: the decoder must chain the same floats
+    np.testing.assert_allclose(err, want_err, rtol=1e-6, atol=1e-9)  # the kernel subtracts in float32
+    if predicted:
+        np.testing.assert_array_equal(use, want_use)
+        assert use.any() and not use.all()
+    else:
+        assert use is None
+
+
+def test_quantize_rows_strided_rows_and_edge_cases():
+    from seqkv_ext.quantize import QuantizeError, quantize_rows
+
+    rng = np.random.default_rng(7)
+    full = rng.standard_normal((5, 100)).astype(np.float32)
+    steps = np.full(5, 0.5, np.float32)
+    q_view, *_ = quantize_rows(full[:, 4:], steps, 0.5)          # rows strided: a sinks-dropped view
+    q_copy, *_ = quantize_rows(np.ascontiguousarray(full[:, 4:]), steps, 0.5)
+    np.testing.assert_array_equal(q_view, q_copy)
+    with pytest.raises(ValueError):
+        quantize_rows(full[:, ::2], steps, 0.5)                  # elements within a row must be contiguous
+    with pytest.raises(ValueError):
+        quantize_rows(full, steps[:3], 0.5)
+    with pytest.raises(ValueError):
+        quantize_rows(full, steps, 0.5, full[:, :10].copy())
+    for bad in (np.nan, np.inf, -np.inf):
+        z = full.copy()
+        z[3, 50] = bad
+        with pytest.raises(QuantizeError, match="NaN or Inf"):
+            quantize_rows(z, steps, 0.5)
+    z = full.copy()
+    z[1, 1] = 1e30
+    with pytest.raises(QuantizeError, match="too large"):
+        quantize_rows(z, steps, 0.5)
+    q, recon, use, err = quantize_rows(np.zeros((3, 0), np.float32), steps[:3], 0.5, np.zeros((3, 0), np.float32))
+    assert q.shape == recon.shape == (3, 0) and use.tolist() == [False] * 3 and err.tolist() == [0.0] * 3
+    # a tie in entropy keeps the plain symbols (no side cost for nothing)
+    z = np.array([[1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0]], np.float32)
+    pred = np.array([[2.0, 4.0, 6.0, 8.0], [0.0, 1.0, 2.0, 3.0]], np.float32)  # residuals: -z (a tie); all 1
+    q, _, use, _ = quantize_rows(z, np.ones(2, np.float32), 0.5, pred)
+    assert use.tolist() == [False, True] and q.tolist() == [[1, 2, 3, 4], [1, 1, 1, 1]]

@@ -47,6 +47,45 @@ def test_profile_save_load_round_trip_and_hash(tmp_path):
     assert loaded.kl_gain == profile.kl_gain
 
 
+def test_profile_hash_follows_changes():
+    import hashlib
+
+    profile = Profile.from_bytes(tiny_profile().to_bytes())
+    before = profile.hash
+    assert before == hashlib.sha256(profile.to_bytes()).hexdigest()
+    next(iter(profile.parts.values())).sensitivity *= 2
+    profile.changed()
+    assert profile.hash != before and profile.hash == hashlib.sha256(profile.to_bytes()).hexdigest()
+
+
+def test_calibrated_decode_gives_contiguous_tensors_and_encoder_reconstruction():
+    """The decoder chains the encoder's own floats: decoding reproduces what the encoder reconstructed
+    (up to the fp32 -> dtype rounding), and hands over [H, T, D] contiguous tensors like any cache."""
+    import seqkv
+    from seqkv.codec import _Pipeline
+    from seqkv.stages.base import TensorContext
+
+    profile = tiny_profile()
+    model, cache = tiny_cache("llama", tokens=60, dtype=torch.float32)
+    blob = seqkv.encode(cache, profile=profile, scale=0.05)
+    out = seqkv.decode(blob, profile=profile)
+    assert seqkv.encode(cache, profile=profile, scale=0.05) == blob  # deterministic
+    info = seqkv.inspect(blob)
+    pipeline = _Pipeline(info["pipeline"])
+    chain, positions = {}, torch.arange(60)
+    for i, layer in enumerate(out.layers):
+        for kind in ("keys", "values"):
+            got = getattr(layer, kind)
+            assert got.is_contiguous() and got.shape == (1, 2, 60, 16)
+            ctx = TensorContext(layer=i, kind=kind, positions=positions, layout=profile.layout,
+                                extra={"profile": profile, "chain": chain, "scale": info["rate_control"]["scale"]})
+            x = getattr(cache.layers[i], kind)[0]
+            pipeline.code(x, pipeline.transform(x, ctx), ctx)  # the encoder's pass, which fills the chain
+            recon = chain[kind][1]  # [H*D, T - sinks], what the encoder predicts the next layer from
+            y = torch.cat([pipeline.transform(got[0], ctx)[:, :4].transpose(1, 2).reshape(32, 4), recon], 1)
+            assert torch.allclose(pipeline.transform(got[0], ctx).transpose(1, 2).reshape(32, 60), y, atol=1e-4)
+
+
 def _resave(profile: Profile, mutate_meta=None, mutate_tensors=None) -> bytes:
     from safetensors.torch import save
 

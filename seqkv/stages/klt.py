@@ -24,6 +24,17 @@ def from_rows(rows: torch.Tensor, heads: int, dim: int) -> torch.Tensor:
     return rows.reshape(rows.shape[0], heads, dim).permute(1, 0, 2)
 
 
+def columns_of(x: torch.Tensor) -> torch.Tensor:
+    """[H, T, D] -> [H*D, T]: one row per component (c = h*D + d), channel-major.  A view when ``x`` is laid out
+    channel-major already (as the entropy coder hands symbols over, and as this module's stages return)."""
+    return x.transpose(1, 2).reshape(x.shape[0] * x.shape[2], x.shape[1])
+
+
+def from_columns(columns: torch.Tensor, heads: int, dim: int) -> torch.Tensor:
+    """Inverse of :func:`columns_of`: [H*D, T] -> [H, T, D] (a view)."""
+    return columns.reshape(heads, dim, columns.shape[1]).transpose(1, 2)
+
+
 def profile_part(ctx: TensorContext):
     """The profile entry for the tensor in ``ctx``; ConfigError when no profile was given."""
     profile = ctx.extra.get("profile")
@@ -39,9 +50,13 @@ class KLTransform(Stage):
     params = {}
 
     def forward(self, x: torch.Tensor, ctx: TensorContext) -> torch.Tensor:
+        """Coefficients laid out channel-major ([H*D, T] columns): the quantizer, the temporal predictor and
+        the entropy coder all run along the tokens of one component, so none of them copies."""
         part = profile_part(ctx)
-        return from_rows((rows_of(x) - part.mean) @ part.basis, x.shape[0], x.shape[2])
+        return from_columns(part.basis.T @ (columns_of(x) - part.mean[:, None]), x.shape[0], x.shape[2])
 
     def inverse(self, y: torch.Tensor, ctx: TensorContext) -> torch.Tensor:
+        """Tokens laid out [T, H, D] (rows): RoPE then runs along contiguous channels, and the copy into the
+        cache's [H, T, D] moves whole head vectors.  The product reads channel-major input as it is."""
         part = profile_part(ctx)
         return from_rows(torch.addmm(part.mean, rows_of(y), part.basis.T), y.shape[0], y.shape[2])

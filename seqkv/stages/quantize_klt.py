@@ -18,8 +18,7 @@ import torch
 from ..errors import ConfigError, FormatError, NonFiniteError
 from ..wire import Reader
 from .base import Stage, TensorContext, register
-from .klt import from_rows, profile_part, rows_of
-from .quantize_uniform import quantize_symbols
+from .klt import columns_of, from_columns, profile_part
 
 MIN_SCALE, MAX_SCALE = 1e-6, 1e6
 
@@ -41,15 +40,17 @@ def cross_layer_prediction(part, ctx: TensorContext, shape) -> torch.Tensor | No
     computed: on SmolLM2 about 95 % of them use the prediction.)"""
     heads, tokens, dim = shape
     link = ctx.extra.get("chain", {}).get(ctx.kind)
-    if part.cross is None or link is None or link[0] != ctx.layer - 1 or link[1].shape[0] != tokens:
+    if part.cross is None or link is None or link[0] != ctx.layer - 1 or link[1].shape[1] != tokens:
         return None
-    return from_rows(link[1] @ part.cross.T, heads, dim)
+    return from_columns(part.cross @ link[1], heads, dim)
 
 
 def remember_reconstruction(ctx: TensorContext, recon: torch.Tensor) -> None:
     """Keep this layer's reconstruction for the next layer's cross-layer prediction."""
     if "chain" in ctx.extra:
-        ctx.extra["chain"][ctx.kind] = (ctx.layer, rows_of(recon))
+        # channel-major [H*D, T] and contiguous, in encoder and decoder alike, so that both compute the next
+        # layer's prediction with the same matrix product and get the same floats
+        ctx.extra["chain"][ctx.kind] = (ctx.layer, columns_of(recon).contiguous())
 
 
 @register
@@ -74,43 +75,35 @@ class KLTQuantizer(Stage):
             raise ConfigError(f"klt_uniform: rounding must be in (0, 0.5], got {self.rounding}")
 
     def quantize(self, z: torch.Tensor, ctx: TensorContext):
-        from seqkv_ext.predict import row_entropy_bits
+        from seqkv_ext.quantize import QuantizeError, quantize_rows
 
-        if not torch.isfinite(z).all():
-            raise NonFiniteError(f"layer {ctx.layer} {ctx.kind}: NaN or Inf values; lossy presets reject them, "
-                                 "use preset='lossless' to keep them bit-exact")
         scale = float(np.float32(ctx.extra["scale"]))  # what the decoder will read back
         part = profile_part(ctx)
         heads, tokens, dim = z.shape
-        steps = component_steps(part, scale, heads, dim)
-        q = quantize_symbols(z, steps, self.rounding)
-        recon = q * steps[:, None, :]
+        steps = component_steps(part, scale, heads, dim).reshape(-1).contiguous()
+        pred = cross_layer_prediction(part, ctx, z.shape) if (self.cross_layer and tokens) else None
+        try:
+            # one compiled pass per component: plain and residual symbols, the choice, the reconstruction
+            q, recon, use, sq_err = quantize_rows(columns_of(z).numpy(), steps.numpy(), self.rounding,
+                                                  None if pred is None else columns_of(pred).numpy())
+        except QuantizeError as exc:
+            hint = "; lossy presets reject them, use preset='lossless' to keep them bit-exact" if "NaN" in str(exc) else ""
+            raise NonFiniteError(f"layer {ctx.layer} {ctx.kind}: {exc}{hint}") from None
         side = bytearray(np.float32(scale).astype("<f4").tobytes())
         if self.cross_layer:
-            pred = cross_layer_prediction(part, ctx, z.shape) if tokens else None
-            use = None
-            if pred is not None:
-                q_res = quantize_symbols(z - pred, steps, self.rounding)
-                plain_bits = row_entropy_bits(_columns(q))
-                res_bits = row_entropy_bits(_columns(q_res))
-                use = torch.from_numpy(res_bits < plain_bits).reshape(heads, dim)
-                if bool(use.any()):
-                    q = torch.where(use[:, None, :], q_res, q)
-                    recon = q * steps[:, None, :] + pred * use[:, None, :]
-                else:
-                    use = None
-            if use is None:
+            if use is None or not use.any():
                 side.append(0)
             else:
                 side.append(1)
-                side += np.packbits(use.reshape(-1).numpy(), bitorder="little").tobytes()
+                side += np.packbits(use, bitorder="little").tobytes()
+        recon = from_columns(torch.from_numpy(recon), heads, dim)
         if tokens:
             # the weighted MSE this quantization causes: rate control's KL model reads it
-            ctx.extra.setdefault("weighted_mse", {})[(ctx.layer, ctx.kind)] = weighted_mse(z, recon, part)
+            ctx.extra.setdefault("weighted_mse", {})[(ctx.layer, ctx.kind)] = float(
+                (torch.from_numpy(sq_err) / tokens * part.weights.reshape(-1).double()).mean())
         remember_reconstruction(ctx, recon)
-        if q.numel() and q.abs().max() > 2**30:
-            raise NonFiniteError(f"layer {ctx.layer} {ctx.kind}: values too large for the quantizer")
-        return q.to(torch.int32).numpy(), bytes(side)
+        # channel-major [H, T, D] view, the order the temporal predictor and the coder work in
+        return q.reshape(heads, dim, tokens).transpose(0, 2, 1), bytes(side)
 
     def read_side(self, reader: Reader, heads: int, dim: int):
         scale = float(reader.array("<f4", 1)[0])
@@ -129,23 +122,15 @@ class KLTQuantizer(Stage):
     def dequantize(self, q: torch.Tensor, side, ctx: TensorContext) -> torch.Tensor:
         scale, use = side
         part = profile_part(ctx)
-        steps = component_steps(part, scale, q.shape[0], q.shape[2])
-        channel_major = q.transpose(1, 2)
-        if channel_major.is_contiguous():
-            # the coder hands symbols over channel by channel: scale them in that layout
-            recon = (channel_major.to(torch.float32) * steps[:, :, None]).transpose(1, 2)
-        else:
-            recon = q.to(torch.float32) * steps[:, None, :]
+        heads, tokens, dim = q.shape
+        # channel-major, the coder's order (a view); elementwise exactly the encoder's q * steps + pred * use
+        recon = columns_of(q).to(torch.float32) * component_steps(part, scale, heads, dim).reshape(-1, 1)
         if use is not None:
             pred = cross_layer_prediction(part, ctx, q.shape)
             if pred is None:
                 raise FormatError(f"layer {ctx.layer} {ctx.kind}: cross-layer prediction without layer "
                                   f"{ctx.layer - 1} decoded first")
-            recon = recon + pred * use[:, None, :]
+            recon = torch.addcmul(recon, columns_of(pred), use.reshape(-1, 1).to(torch.float32))
+        recon = from_columns(recon, heads, dim)
         remember_reconstruction(ctx, recon)
         return recon
-
-
-def _columns(q: torch.Tensor) -> np.ndarray:
-    """[H, T, D] symbols -> int32 [H*D, T] rows (one per component), contiguous."""
-    return np.ascontiguousarray(q.to(torch.int32).numpy().transpose(0, 2, 1)).reshape(q.shape[0] * q.shape[2], -1)

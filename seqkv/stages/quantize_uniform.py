@@ -83,12 +83,10 @@ class UniformQuantizer(Stage):
         return torch.from_numpy(steps)
 
     def dequantize(self, q: torch.Tensor, side: torch.Tensor, ctx: TensorContext) -> torch.Tensor:
-        channel_major = q.transpose(1, 2)
-        if channel_major.is_contiguous():
-            # the coder hands symbols over channel by channel: scale them in that layout (sequential
-            # memory), and let the caller's copy into [H, T, D] do the one transposition
-            return (channel_major.to(torch.float32) * side[:, :, None]).transpose(1, 2)
-        return q.to(torch.float32) * side[:, None, :]
+        # the coder hands symbols over channel-major: one copy converts and transposes them to [H, T, D],
+        # the layout RoPE runs fastest in (along contiguous channels)
+        y = q.to(torch.float32, memory_format=torch.contiguous_format)
+        return y.mul_(side[:, None, :])
 
     def max_abs_error(self, side: torch.Tensor) -> torch.Tensor:
         """The per-channel bound on |x - dequantize(quantize(x))| (for tests)."""

@@ -1,0 +1,6 @@
+import numpy as np
+
+class QuantizeError(ValueError): ...
+
+def quantize_rows(z_in: np.ndarray, steps: np.ndarray, rounding: float,
+                  pred: np.ndarray | None = ...) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]: ...
