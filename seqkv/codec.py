@@ -228,7 +228,7 @@ def encode(cache, *, preset: str | None = None, model=None, config=None, positio
     calibrated one (per-layer KLT, profile steps, temporal prediction) and rate
     control meets one target: ``target_kl`` (predicted mean KL, the default, 0.01),
     ``bits_per_element`` or ``max_bytes``; ``scale=`` sets the knob directly.
-    ``options`` then are ``rounding``, ``predict`` (bool) and ``scale``.
+    ``options`` then are ``rounding``, ``predict`` and ``cross_layer`` (bools, the two predictors) and ``scale``.
     Lossless never uses a profile.
 
     ``model``/``config`` give the layout, RoPE parameters and fingerprint (required
