@@ -55,7 +55,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-from seqkv import __version__  # noqa: E402
+from seqkv import __version__, encode  # noqa: E402
 from seqkv.embedded_model import load_embedded_model  # noqa: E402
 from seqkv.quality import clone_cache, compare_logits, continuation_logits  # noqa: E402
 from seqkv.profile import Profile  # noqa: E402
@@ -156,7 +156,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="balanced", help="codec preset of the stores (default balanced)")
     ap.add_argument("--step", type=float, default=None, help="quantizer step (the quality knob) on top of the preset")
-    ap.add_argument("--pipeline-config", help="a JSON file with a full pipeline config (e.g. a calibrated profile's); "
+    ap.add_argument("--pipeline-config", help="a JSON file with a full preset-style pipeline config; "
                                               "replaces --preset/--step")
     ap.add_argument("--profile", help="a calibrated profile file (seqkv calibrate): the calibrated codec, "
                                       "replaces --preset/--step")
@@ -226,8 +226,15 @@ def main(argv=None) -> int:
                           "session 0's cache")
         store_kw["codec_options"] = {"scale": scale}
         codec_desc += f", {scale_note}"
+    if profile is not None:
+        whole_kw = {"profile": profile, "scale": scale}
+    elif not args.pipeline_config:
+        whole_kw = {"preset": args.preset, **({"step": args.step} if args.step is not None else {})}
+    else:
+        whole_kw = None
     root = tempfile.mkdtemp(prefix="seqkv-sessions-")
     rows = []
+    docs_seen = set()
     try:
         exact = PrefixStore(store_url(root, "exact"), near_duplicates=False, **store_kw)
         near = PrefixStore(store_url(root, "near"), near_duplicates=True, **store_kw)
@@ -249,6 +256,10 @@ def main(argv=None) -> int:
             row = {"session": s["index"], "doc": s["doc"], "turns": s["turns"], "tokens": P,
                    "doc_start": s["doc_start"], "raw_fp16_bytes": raw_fp16_bytes(layout, P),
                    "prefill_seconds": prefill_seconds}
+            if whole_kw is not None and s["doc"] not in docs_seen:
+                # the same codec on the whole cache, one container, nothing shared: what chunking costs
+                row["whole_cache_bytes"] = len(encode(cache, model=model, **whole_kw))
+            docs_seen.add(s["doc"])
             for label, st in (("exact", exact), ("near", near)):
                 t0 = time.perf_counter()
                 put = st.put(s["ids"], cache)
@@ -363,7 +374,13 @@ def breakdown(s: dict, rows: list) -> str:
              f"compression, where this codec gives them {first_raw / max(1, fb):.2f}x (their chunks are coded "
              "plainly: nothing earlier to be a residual of, apart from the system prompt; compare the whole-cache "
              f"ratios of [rd.md](rd.md) at KL <= 0.01). The later sessions alone wrote {lb / goal:.2f} times that "
-             "budget.\n")
+             "budget.")
+    if all("whole_cache_bytes" in r for r in first):
+        wb = sum(r["whole_cache_bytes"] for r in first)
+        text += (f" The same codec on the first-occurrence sessions as whole caches (one container each, nothing "
+                 f"shared) takes {wb} bytes ({first_raw / wb:.2f}x): the store's chunks, envelopes and shared system "
+                 f"prompt together come to {100 * (fb / wb - 1):+.1f}% against that.")
+    text += "\n"
     return text
 
 
