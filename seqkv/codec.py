@@ -94,9 +94,14 @@ class _Pipeline:
     def code(self, x: torch.Tensor, y: torch.Tensor, ctx: TensorContext) -> bytes:
         """Section bytes: exact sinks from ``x``, then ``y``'s other tokens quantized, predicted, coded."""
         sinks = min(self.sink_tokens, x.shape[1])
-        out = bytearray(_raw_bytes(x[:, :sinks]))
         # no copy: the transform's layout (channel-major for the KLT) is the quantizer's and the coder's
         q, side = self.quantizer.quantize(y[:, sinks:], ctx)
+        return self.pack(x[:, :sinks], side, q, ctx)
+
+    def pack(self, sinks: torch.Tensor, side: bytes, q: np.ndarray, ctx: TensorContext) -> bytes:
+        """Section bytes (§6.1) from the exact sink tokens, the quantizer's side info and its symbols
+        (int32 [H, T - sinks, D]): the predictor runs on ``q``, then the coder."""
+        out = bytearray(_raw_bytes(sinks))
         out += side
         if self.predictor is not None:
             q, predictor_side = self.predictor.forward(q, ctx)
@@ -129,17 +134,18 @@ class _Pipeline:
         return out
 
     def read_symbols(self, payload, ctx: TensorContext, dtype_name: str, shape,
-                     keep_residuals: bool = False) -> "SectionSymbols":
+                     keep_residuals: bool = False, quantizer_side: bool = True) -> "SectionSymbols":
         """A lossy section's parts: exact sinks, quantizer side info, coded residuals and symbols.
 
         The predictor turns residuals into symbols in place; ``keep_residuals`` keeps a copy of
-        the residuals (for analysis), else ``residuals`` may hold the symbols."""
+        the residuals (for analysis), else ``residuals`` may hold the symbols.  ``quantizer_side``
+        False reads a section written by :meth:`pack` without quantizer side info (``side`` None)."""
         heads, tokens, dim = shape
         reader = Reader(payload, what=section_name(ctx.layer, ctx.kind))
         sinks = min(self.sink_tokens, tokens)
         dtype = DTYPES_BY_NAME[dtype_name]
         sink_part = _from_raw_bytes(reader.bytes(heads * sinks * dim * dtype.itemsize), dtype, (heads, sinks, dim))
-        side = self.quantizer.read_side(reader, heads, dim)
+        side = self.quantizer.read_side(reader, heads, dim) if quantizer_side else None
         predictor_side = None if self.predictor is None else self.predictor.read_side(reader, heads, dim)
         coder_start = reader.pos
         residuals = self.coder.decode(reader, (heads, tokens - sinks, dim))

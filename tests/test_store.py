@@ -318,9 +318,9 @@ def test_lossy_preset_round_trip(where):
 
 # -- near-duplicate reuse, references, eviction by expected reuse, token ids ------------------------------
 
-def _doc_sessions(doc_tokens: int = 48, seed: int = 5):
+def _doc_sessions(doc_tokens: int = 48, seed: int = 5, layers: int = 2):
     """Two token sequences holding the same document after different preceding tokens, and their caches."""
-    model = tiny_model("llama")
+    model = tiny_model("llama", layers=layers)
     gen = torch.Generator().manual_seed(seed)
     doc = torch.randint(0, 96, (doc_tokens,), generator=gen).tolist()
     a = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5] + doc
@@ -609,3 +609,190 @@ def test_entry_of_the_previous_envelope_version_is_a_miss_then_rewritten(where):
         n, got = store.longest_prefix(ids)
         assert n == 8
         assert_bit_exact(got, cache)
+
+
+# -- the calibrated codec (a model profile, one fixed scale) ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def profiles():
+    from conftest import tiny_profile
+
+    return tiny_profile(), tiny_profile(sensitivity=60.0)
+
+
+def _open_calibrated(url, profile, scale=0.05, **kw):
+    return PrefixStore(url, model=tiny_model("llama"), profile=profile, codec_options={"scale": scale},
+                       chunk_tokens=CHUNK, chunking="content", **kw)
+
+
+def _klt_errors_in_steps(got, want, profile, scale, positions, model=None):
+    """max |z - z_hat| / step over every KLT coefficient of every layer and kind (the sinks are exact)."""
+    from seqkv.codec import _Pipeline
+    from seqkv.layout import layout_from_model
+    from seqkv.presets import calibrated_pipeline_config
+    from seqkv.stages.base import TensorContext
+    from seqkv.stages.quantize_klt import component_steps
+
+    pipeline = _Pipeline(calibrated_pipeline_config(profile.sink_tokens))
+    layout = layout_from_model(model if model is not None else tiny_model("llama"))
+    worst = 0.0
+    for i, (gl, wl) in enumerate(zip(cache_layers(got), cache_layers(want))):
+        for kind, g, w in (("keys", gl[0], wl[0]), ("values", gl[1], wl[1])):
+            ctx = TensorContext(layer=i, kind=kind, positions=positions, layout=layout, extra={"profile": profile})
+            steps = component_steps(profile.parts[(i, kind)], scale, w.shape[0], w.shape[2])
+            err = (pipeline.transform(g, ctx) - pipeline.transform(w, ctx)).abs() / steps[:, None, :]
+            worst = max(worst, float(err.max()))
+    return worst
+
+
+def test_calibrated_store_round_trips_with_klt_residuals_within_half_a_step(tmp_path, profiles):
+    from seqkv.store.chunk_codec import ParsedChunk
+
+    profile, _ = profiles
+    (a, ca), (b, cb) = _doc_sessions()
+    with _open_calibrated((tmp_path / "near").as_uri(), profile) as near, \
+            _open_calibrated((tmp_path / "exact").as_uri(), profile, near_duplicates=False) as exact:
+        near.put(a, ca)
+        exact.put(a, ca)
+        nb, eb = near.put(b, cb), exact.put(b, cb)
+        assert nb["chunks_residual"] >= 2 and eb["chunks_residual"] == 0
+        assert nb["residual_bytes_saved"] > 0 and nb["bytes_written"] < eb["bytes_written"]
+        residuals = _residual_entries(near)
+        assert len(residuals) == nb["chunks_residual"]
+        for key in residuals:
+            parsed = ParsedChunk(_unpack_entry(near.backend.get(key), key)[1])
+            assert "r" in parsed.modes
+            assert parsed.calibrated == {"profile": profile.ref(), "scale": pytest.approx(0.05)}
+        for ids, cache in ((b, cb), (a, ca)):
+            for store in (near, exact):
+                n, got = store.longest_prefix(ids)
+                assert n == len(ids)
+                # plain and residual sections alike: every KLT coefficient within half a step (+ float noise)
+                assert _klt_errors_in_steps(got, cache, profile, 0.05, torch.arange(len(ids))) <= 0.5 + 1e-3
+
+
+def test_calibrated_store_keys_and_entries_belong_to_one_profile(tmp_path, profiles):
+    from seqkv.profile import ProfileMismatchError
+    from seqkv.store.chunk_codec import ParsedChunk
+
+    p1, p2 = profiles
+    (a, ca), _ = _doc_sessions()
+    url = (tmp_path / "store").as_uri()
+    with _open_calibrated(url, p1) as one, _open_calibrated(url, p2) as two, \
+            _open_calibrated(url, p1, scale=0.1) as coarser, PrefixStore(url, model=tiny_model("llama"),
+                                                                          preset="balanced", chunk_tokens=CHUNK,
+                                                                          chunking="content") as preset:
+        one.put(a, ca)
+        assert one.namespace("float32") != two.namespace("float32")
+        assert p1.hash in one.namespace("float32").decode()
+        keys = set(one.keys_for(a))
+        for other in (two, coarser, preset):
+            assert keys.isdisjoint(other.keys_for(a))
+            assert other.longest_prefix(a) == (0, None)
+        assert one.longest_prefix(a)[0] == len(a)
+        key = one.keys_for(a)[0]
+        parsed = ParsedChunk(_unpack_entry(one.backend.get(key), key)[1])
+        with pytest.raises(ProfileMismatchError, match="profile="):
+            parsed.decode(None)
+        with pytest.raises(ProfileMismatchError):
+            parsed.decode(None, p2)
+        assert len(parsed.decode(None, p1)) == 2
+
+
+def test_calibrated_store_options_are_checked(tmp_path, profiles):
+    from seqkv.presets import calibrated_pipeline_config
+
+    profile, _ = profiles
+    url = (tmp_path / "store").as_uri()
+    model = tiny_model("llama")
+    with pytest.raises(seqkv.ConfigError, match="scale"):
+        PrefixStore(url, model=model, profile=profile)
+    with pytest.raises(seqkv.ConfigError, match="scale"):
+        PrefixStore(url, model=model, profile=profile, codec_options={"scale": -1.0})
+    with pytest.raises(seqkv.ConfigError, match="model"):
+        PrefixStore(url, profile=profile, codec_options={"scale": 0.05})
+    with pytest.raises(seqkv.ConfigError, match="profile"):
+        PrefixStore(url, model=model, pipeline_config=calibrated_pipeline_config(profile.sink_tokens))
+    with pytest.raises(seqkv.ModelMismatchError):
+        PrefixStore(url, model=tiny_model("llama", layers=3), profile=profile, codec_options={"scale": 0.05})
+
+
+def test_scale_for_kl_resolves_a_target_once(profiles):
+    from seqkv.store import scale_for_kl
+
+    profile, _ = profiles
+    (a, ca), _ = _doc_sessions()
+    model = tiny_model("llama")
+    loose, tight = scale_for_kl(ca, profile, 0.01, model=model), scale_for_kl(ca, profile, 0.001, model=model)
+    assert 0 < tight < loose  # a lower KL needs finer steps
+    blob = seqkv.encode(ca, profile=profile, model=model, scale=loose)
+    assert seqkv.inspect(blob)["rate_control"]["predicted_kl"] == pytest.approx(0.01, rel=0.2)
+
+
+@pytest.fixture(scope="module")
+def three_layers():
+    """A 3-layer tiny model and its profile: layer 1's sections are cross-layer predicted from layer 0's."""
+    model = tiny_model("llama", layers=3)
+    gen = torch.Generator().manual_seed(7)
+    return model, seqkv.calibrate(model, [torch.randint(0, 96, (260,), generator=gen) for _ in range(2)],
+                                  prompt_len=200, continuation_len=32)
+
+
+def _layer1_residuals_only(monkeypatch):
+    from seqkv.store import chunk_codec
+
+    encode = chunk_codec._KLTResidual.encode
+
+    def layer1_only(self, x, base, ctx, bpos):
+        if ctx.layer != 1:
+            raise ValueError("residuals for layer 1 only")
+        return encode(self, x, base, ctx, bpos)
+
+    monkeypatch.setattr(chunk_codec._KLTResidual, "encode", layer1_only)
+
+
+def test_calibrated_residual_leaves_the_encoder_predicting_from_what_the_decoder_holds(three_layers, monkeypatch):
+    from seqkv.layout import layout_from_model
+    from seqkv.presets import calibrated_pipeline_config
+    from seqkv.store import chunk_codec
+
+    model, profile = three_layers
+    (a, ca), (b, cb) = _doc_sessions(layers=3)  # the document starts at 11 in a, at 4 in b
+    cfg = dict(calibrated_pipeline_config(profile.sink_tokens), sink_tokens=0)
+    layout = layout_from_model(model)
+    chunk_a = [(k[:, 11:27], v[:, 11:27]) for k, v in cache_layers(ca)]
+    chunk_b = [(k[:, 4:20], v[:, 4:20]) for k, v in cache_layers(cb)]
+    pos_a, pos_b = torch.arange(11, 27), torch.arange(4, 20)
+    base_payload, _ = chunk_codec.encode_chunk(chunk_a, pos_a, cfg, layout, "float32", token_section=b"",
+                                               token_code="zstd", profile=profile, scale=0.05)
+    base_layers = chunk_codec.ParsedChunk(base_payload).decode(None, profile)
+    _layer1_residuals_only(monkeypatch)
+    extras = []
+    make_extra = chunk_codec._calibrated_extra
+    monkeypatch.setattr(chunk_codec, "_calibrated_extra", lambda *args: extras.append(make_extra(*args)) or extras[-1])
+    payload, _ = chunk_codec.encode_chunk(chunk_b, pos_b, cfg, layout, "float32", token_section=None, token_code="base",
+                                          base=("0" * 64, base_layers, pos_a), profile=profile, scale=0.05)
+    parsed = chunk_codec.ParsedChunk(payload)
+    assert parsed.modes[:2] == "pp" and parsed.modes[2:4] != "pp" and parsed.modes[4:] == "pp"
+    parsed.decode((base_layers, pos_a), profile)
+    encoder, decoder = extras[-2]["chain"], extras[-1]["chain"]
+    for kind in ("keys", "values"):  # the last layer's reconstruction, predicted from layer 1's
+        assert encoder[kind][0] == decoder[kind][0] == 2
+        assert torch.allclose(encoder[kind][1], decoder[kind][1], atol=1e-6)
+
+
+def test_calibrated_store_with_mixed_section_modes_round_trips_within_half_a_step(tmp_path, three_layers, monkeypatch):
+    from seqkv.store import chunk_codec
+
+    model, profile = three_layers
+    (a, ca), (b, cb) = _doc_sessions(layers=3)
+    _layer1_residuals_only(monkeypatch)
+    with PrefixStore((tmp_path / "store").as_uri(), model=model, profile=profile, codec_options={"scale": 0.05},
+                     chunk_tokens=CHUNK, chunking="content") as store:
+        store.put(a, ca)
+        assert store.put(b, cb)["chunks_residual"] >= 2
+        modes = {chunk_codec.ParsedChunk(_unpack_entry(store.backend.get(k), k)[1]).modes for k in _residual_entries(store)}
+        assert modes and all(m[:2] == "pp" and m[2:4] != "pp" and m[4:] == "pp" for m in modes)
+        n, got = store.longest_prefix(b)
+        assert n == len(b)
+        assert _klt_errors_in_steps(got, cb, profile, 0.05, torch.arange(len(b)), model=model) <= 0.5 + 1e-3

@@ -12,6 +12,11 @@ chunk whose tokens are stored under another prefix (or at other positions) is co
 that entry, its *base* (:mod:`seqkv.store.chunk_codec`), section by section where that is smaller.  The
 store keeps a reference record per (base, referrer); a referenced base is never evicted.
 
+Codecs: a preset (or a full pipeline config), or the calibrated codec of a model profile
+(``PrefixStore(url, model=m, profile=p, codec_options={"scale": s})``) with one fixed quantizer scale
+for every chunk; its residuals are coded in the profile's KLT domain with the plain sections' steps.
+The profile's sha256 is part of the namespace (so of every key) and of every entry.
+
 Every entry is an envelope ``MAGIC | u32 header length | JSON header | chunk payload`` (docs/format.md,
 "Store entries").  The JSON header carries sha256 digests of the chunk's tokens, of the whole token prefix
 up to the chunk's end (computed independently of the key chain) and of the positions, the namespace
@@ -253,6 +258,15 @@ def _positions_digest(pos) -> str:
     return hashlib.sha256(b"seqkv-positions\x00" + np.asarray(pos, dtype="<i8").tobytes()).hexdigest()
 
 
+def scale_for_kl(cache, profile, target_kl: float = 0.01, *, model=None) -> float:
+    """The calibrated quantizer's ``scale`` that rate control picks for ``cache`` at ``target_kl``
+    (predicted mean KL): resolve a KL target once, on a representative cache, into the fixed scale a
+    ``PrefixStore(profile=..., codec_options={"scale": s})`` codes every chunk with."""
+    from ..codec import encode, inspect
+
+    return float(inspect(encode(cache, profile=profile, model=model, target_kl=target_kl))["rate_control"]["scale"])
+
+
 class PrefixStore:
     """A KV store with exact-prefix sharing and near-duplicate reuse.  See the module docstring.
 
@@ -262,7 +276,16 @@ class PrefixStore:
     lossy presets need it.
 
     * ``preset`` and ``codec_options`` (encode options such as ``step``) pick the codec; or pass a full
-      ``pipeline_config`` (e.g. a calibrated profile's) instead.  All of it is part of every key.
+      ``pipeline_config`` instead.  All of it is part of every key.
+    * ``profile`` (a calibrated :class:`seqkv.Profile` of the model): the calibrated codec (pre-RoPE, the
+      profile's KLT, profile-stepped quantizer with cross-layer and temporal prediction) instead of a
+      preset.  ``codec_options`` must then give ``scale``, the quantizer's one knob, fixed for the whole
+      store: every chunk of every session is coded with the same steps, so a residual and its base, or two
+      sessions, never differ in quality (a per-chunk rate control would pick another step for each chunk).
+      To aim at a KL, resolve the scale once on a representative cache with :func:`scale_for_kl`.  Other
+      options: ``rounding``, ``predict``, ``cross_layer``.  The profile's sha256 is part of every key (a
+      store opened with another profile never sees these entries) and of every entry, whose decoding
+      refuses another profile (``ProfileMismatchError``).
     * ``chunk_tokens``, ``chunking`` ("fixed" or "content", see :mod:`seqkv.store.chunking`) and, with
       content chunking, ``boundary_tokens`` (ids a chunk always ends before, e.g. the chat template's
       message-start token).
@@ -279,7 +302,7 @@ class PrefixStore:
     def __init__(self, url: str, *, model=None, preset: str = "lossless", chunk_tokens: int = 256,
                  max_bytes=None, fsync: bool = False, chunking: str = "fixed", near_duplicates: bool = True,
                  codec_options=None, pipeline_config=None, token_trie=None, vocab_size=None, boundary_tokens=None,
-                 **backend_options):
+                 profile=None, **backend_options):
         from seqkv_ext.trie import TokenTrie
 
         from ..codec import _Pipeline
@@ -302,10 +325,17 @@ class PrefixStore:
             raise ConfigError("boundary_tokens need chunking='content'")
         if codec_options is not None and not isinstance(codec_options, dict):
             raise ConfigError("codec_options must be a dict of encode options")
-        if pipeline_config is not None:
+        self.profile, self.scale = profile, None
+        if profile is not None:
+            if pipeline_config is not None:
+                raise ConfigError("give profile= or pipeline_config, not both")
+            cfg, codec_key = self._calibrated_config(profile, model, codec_options)
+            preset = cfg["preset"]
+        elif pipeline_config is not None:
             if codec_options:
                 raise ConfigError("give codec_options or pipeline_config, not both")
-            _Pipeline(pipeline_config)  # validates
+            if _Pipeline(pipeline_config).needs_profile:  # validates
+                raise ConfigError("this pipeline reads a calibrated profile: pass profile= (and codec_options={'scale': s})")
             cfg = json.loads(json.dumps(pipeline_config))
             preset = cfg.get("preset", "custom") if isinstance(cfg.get("preset"), str) else "custom"
             codec_key = {"pipeline": cfg}
@@ -339,6 +369,26 @@ class PrefixStore:
                           "chunks_residual": 0, "residual_bytes_saved": 0, "token_bytes": 0, "tokens_coded": 0,
                           "token_bytes_zstd3": 0, "evicted": 0, "quarantined": 0, "collisions": 0}
         self._last_dtype = None
+
+    def _calibrated_config(self, profile, model, codec_options):
+        """(pipeline config, namespace codec fields) of the calibrated codec with a fixed scale."""
+        from ..layout import layout_from_model
+        from ..presets import calibrated_pipeline_config
+        from ..profile import Profile
+        from ..rate_control import parse_target
+
+        if not isinstance(profile, Profile):
+            raise ConfigError(f"profile must be a seqkv.Profile, got {type(profile).__name__}")
+        if model is None:
+            raise ConfigError("a calibrated profile needs the model: pass model=")
+        profile.check_model(layout_from_model(model))
+        options = dict(codec_options or {})
+        if "scale" not in options:
+            raise ConfigError("with profile=, give codec_options={'scale': s}: one fixed quantizer knob for every chunk "
+                              "(seqkv.store.scale_for_kl(cache, profile, target_kl) resolves a KL target to one)")
+        self.scale = parse_target(scale=options.pop("scale")).value
+        cfg = calibrated_pipeline_config(profile.sink_tokens, **options)
+        return cfg, dict(options, scale=self.scale, profile=profile.hash)
 
     # -- keys ---------------------------------------------------------------------------------
     def namespace(self, dtype: str) -> bytes:
@@ -376,7 +426,7 @@ class PrefixStore:
             raise self._quarantine(key, str(exc)) from None
         if header["namespace"] != ns_digest:
             raise ModelMismatchError(
-                f"store entry {key[:16]}… was written for another model, dtype, codec or chunking "
+                f"store entry {key[:16]}… was written for another model, dtype, codec, profile or chunking "
                 "(namespace digest differs); refusing it")
         return header, payload
 
@@ -459,7 +509,7 @@ class PrefixStore:
         if self.layout is not None:
             parsed.layout.check_same_model(self.layout, what="store entry")
         try:
-            layers = parsed.decode(base)
+            layers = parsed.decode(base, self.profile)
         except DecodeError as exc:
             raise self._quarantine(key, f"{type(exc).__name__}: {exc}") from None
         memo[key] = (layers, parsed.positions)
@@ -583,14 +633,15 @@ class PrefixStore:
         token_blob, token_code = (None, "base") if base is not None else self._code_tokens(chunk_ids)
         chunk = [(k[:, s:e], v[:, s:e]) for k, v in layers]
         payload, info = encode_chunk(chunk, pos_t[s:e], cfg, layout, dtype,
-                                     token_section=token_blob, token_code=token_code, base=base_data)
+                                     token_section=token_blob, token_code=token_code, base=base_data,
+                                     profile=self.profile, scale=self.scale)
         if base is not None and info["residual_sections"] == 0:
             # plain coding was smaller everywhere: no base, and the tokens go in after all
             self.backend.remove_ref(base, ref_id)
             base = ref_id = None
             token_blob, token_code = self._code_tokens(chunk_ids)
             payload, info = encode_chunk(chunk, pos_t[s:e], cfg, layout, dtype, token_section=token_blob,
-                                         token_code=token_code, base=None)
+                                         token_code=token_code, base=None, profile=self.profile, scale=self.scale)
         header = {"v": ENVELOPE_VERSION, "key": key, "parent": prev, "index": i, "start": s, "end": e,
                   "namespace": ns_digest, "tokens_sha256": tok_sha, "prefix_sha256": _keys.prefix_digest(ids[:e]),
                   "positions_sha256": pd, "content": content, "base": base, "base_ref": ref_id,
@@ -673,7 +724,7 @@ class PrefixStore:
                     self.backend.remove_ref(header["base"], header["base_ref"])
                     raise self._quarantine(key, f"its residual base cannot be used: {exc}") from None
             try:
-                layers = parsed.decode(base)
+                layers = parsed.decode(base, self.profile)
             except DecodeError as exc:
                 raise self._quarantine(key, f"{type(exc).__name__}: {exc}") from None
             if parsed.tokens != e - s or layers[0][0].shape[1] != e - s:
