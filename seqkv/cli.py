@@ -320,6 +320,11 @@ def _open_store(args, model=None):
         kw["chunking"] = args.chunking
     if getattr(args, "step", None) is not None:
         kw["codec_options"] = {"step": args.step}
+    if getattr(args, "profile", None):
+        # the calibrated codec: one fixed scale for every chunk (part of every key, like the profile)
+        kw["profile"] = _load_profile(args.profile)
+        kw["codec_options"] = {"scale": args.scale}
+        kw.pop("preset", None)
     return PrefixStore(args.url, model=model, **kw, **_backend_options(args.backend_option))
 
 
@@ -329,6 +334,13 @@ def _check_store_args(args) -> None:
         raise SeqKVError(f"--chunk-tokens must be at least 1, got {args.chunk_tokens}")
     if args.tokens < 1:
         raise SeqKVError(f"--tokens must be at least 1, got {args.tokens}")
+    if args.profile and args.scale is None:
+        raise SeqKVError("--profile needs --scale: the quantizer knob every chunk is coded with (seqkv.store.scale_for_kl "
+                         "turns a KL target into one; 0.03 kept every session of docs/sessions_calibrated.md under KL 0.01)")
+    if args.scale is not None and not args.profile:
+        raise SeqKVError("--scale is the calibrated codec's knob: give --profile too (or --preset/--step for presets)")
+    if args.profile and args.step is not None:
+        raise SeqKVError("--step is a preset's knob; with --profile use --scale")
     _backend_options(args.backend_option)
 
 
@@ -341,7 +353,8 @@ def cmd_store_put(args) -> int:
         t0 = time.perf_counter()
         out = store.put(ids[0, :n].tolist(), cache)
         seconds = time.perf_counter() - t0
-    print(f"stored {n} tokens in {out['chunks']} chunks of {args.chunk_tokens} ({args.preset}, {args.cache_dtype} "
+    codec_name = f"calibrated, scale {args.scale}" if args.profile else args.preset
+    print(f"stored {n} tokens in {out['chunks']} chunks of {args.chunk_tokens} ({codec_name}, {args.cache_dtype} "
           f"cache): {out['chunks_written']} written ({out['bytes_written']} bytes), {out['chunks_reused']} already "
           f"stored ({out['bytes_reused']} bytes), {seconds:.2f} s")
     return 0
@@ -397,6 +410,10 @@ def _add_store_parser(sub) -> None:
                            help="chunk boundaries: every --chunk-tokens tokens, or content-defined so that a document "
                                 "after other turns is found again as a near-duplicate (part of every key; default fixed)")
             q.add_argument("--step", type=float, help="quantizer step of a lossy preset (part of every key)")
+            q.add_argument("--profile", help="a calibrated model profile (seqkv calibrate): store with the calibrated "
+                                             "codec instead of --preset (its hash is part of every key)")
+            q.add_argument("--scale", type=float,
+                           help="with --profile: the quantizer scale of every chunk (part of every key)")
 
     sp = ssub.add_parser("put", help="prefill a text with the embedded model and store its cache")
     common(sp, model=True)

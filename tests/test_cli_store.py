@@ -59,6 +59,12 @@ def test_store_errors_exit_2(tmp_path, capsys):
     assert main(["store", "get", (tmp_path / "s").as_uri(), "--text", str(tmp_path / "missing.txt")]) == 2
     assert "cannot read text file" in capsys.readouterr().err
     assert main(["store", "stats", (tmp_path / "s").as_uri(), "--backend-option", "oops"]) == 2
+    assert main(["store", "put", (tmp_path / "s").as_uri(), "--profile", "p.safetensors"]) == 2
+    assert "--profile needs --scale" in capsys.readouterr().err
+    assert main(["store", "get", (tmp_path / "s").as_uri(), "--scale", "0.03"]) == 2
+    assert "give --profile too" in capsys.readouterr().err
+    assert main(["store", "put", (tmp_path / "s").as_uri(), "--profile", "p", "--scale", "0.03", "--step", "0.2"]) == 2
+    assert "with --profile use --scale" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         main(["store", "gc", (tmp_path / "s").as_uri()])  # --max-bytes is required
     assert exc.value.code == 2
