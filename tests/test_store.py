@@ -645,12 +645,12 @@ def _klt_errors_in_steps(got, want, profile, scale, positions, model=None):
     return worst
 
 
-def test_calibrated_store_round_trips_with_klt_residuals_within_half_a_step(tmp_path, profiles):
+def test_calibrated_store_round_trips_with_klt_residuals_within_half_a_step(tmp_path, profiles, where):
     from seqkv.store.chunk_codec import ParsedChunk
 
     profile, _ = profiles
     (a, ca), (b, cb) = _doc_sessions()
-    with _open_calibrated((tmp_path / "near").as_uri(), profile) as near, \
+    with _open_calibrated(where.url, profile, **where.options) as near, \
             _open_calibrated((tmp_path / "exact").as_uri(), profile, near_duplicates=False) as exact:
         near.put(a, ca)
         exact.put(a, ca)
