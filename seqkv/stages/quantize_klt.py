@@ -38,18 +38,44 @@ def weighted_mse(z: torch.Tensor, recon: torch.Tensor, part) -> float:
 def cross_layer_prediction(part, ctx: TensorContext, shape) -> torch.Tensor | None:
     """The previous layer's reconstruction (same kind) mapped through the profile's ``cross``, [H, T, D];
     None for layer 0 or when the previous layer is not in ``ctx.extra["chain"]``.  (All components are
-    computed: on SmolLM2 about 95 % of them use the prediction.)"""
+    computed: on SmolLM2 about 95 % of them use the prediction.)
+
+    In a pruned cache two layers may keep different positions: a token is then predicted from the
+    previous layer's reconstruction of the same position, and tokens that layer did not keep are
+    predicted as zero (their residual is the coefficient itself)."""
     heads, tokens, dim = shape
     link = ctx.extra.get("chain", {}).get(ctx.kind)
-    if part.cross is None or link is None or link[0] != ctx.layer - 1 or link[1].shape[0] != tokens:
+    if part.cross is None or link is None or link[0] != ctx.layer - 1:
         return None
-    return from_rows(link[1] @ part.cross.T, heads, dim)
+    rows = _aligned_rows(link, _body_positions(ctx.positions, tokens), tokens)
+    return None if rows is None else from_rows(rows @ part.cross.T, heads, dim)
+
+
+def _body_positions(positions: torch.Tensor | None, tokens: int) -> torch.Tensor | None:
+    """The positions of the quantized tokens: the last ``tokens`` ones (exact sink tokens come first)."""
+    if positions is None or tokens == 0 or positions.numel() < tokens:
+        return None
+    return positions[positions.numel() - tokens:]
+
+
+def _aligned_rows(link: tuple, positions: torch.Tensor | None, tokens: int) -> torch.Tensor | None:
+    prev_rows = link[1]
+    prev_pos = link[2] if len(link) > 2 else None
+    if prev_pos is None or positions is None or torch.equal(prev_pos, positions):
+        return prev_rows if prev_rows.shape[0] == tokens else None
+    if prev_pos.numel() == 0:
+        return None
+    idx = torch.searchsorted(prev_pos, positions).clamp_max(prev_pos.numel() - 1)
+    hit = prev_pos[idx] == positions
+    if not bool(hit.any()):
+        return None
+    return prev_rows[idx] * hit[:, None]
 
 
 def remember_reconstruction(ctx: TensorContext, recon: torch.Tensor) -> None:
-    """Keep this layer's reconstruction for the next layer's cross-layer prediction."""
+    """Keep this layer's reconstruction (and its tokens' positions) for the next layer's cross-layer prediction."""
     if "chain" in ctx.extra:
-        ctx.extra["chain"][ctx.kind] = (ctx.layer, rows_of(recon))
+        ctx.extra["chain"][ctx.kind] = (ctx.layer, rows_of(recon), _body_positions(ctx.positions, recon.shape[1]))
 
 
 @register
