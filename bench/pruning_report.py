@@ -165,6 +165,18 @@ def _preregistered(out_dir):
                                                                     for t, d in zip(texts, diffs)) +
                   f" (KL change): **wins {wins}/{len(texts)}**.", ""]
         verdict.append(wins >= 3)
+    tri = os.path.join(out_dir, "pruning_tri_profile.json")
+    if os.path.exists(tri):   # context: TriAttention with the calibration stored in the model profile
+        with open(tri) as f:
+            t = json.load(f)
+        tby = {(r["prune_ratio"], r["text"]): r["mean_kl"] for r in t["rows"]}
+        lines += [f"TriAttention with its calibration read from a version-2 model profile "
+                  f"(`seqkv calibrate --add-triattention`, bench/calibration/ texts, {t['meta']['calibration_tokens']} "
+                  f"tokens) instead of psf_license.txt, same texts: " + "; ".join(
+                      f"ratio {ratio}: " + ", ".join(f"{x.replace('.txt', '')} {_fmt(tby[(ratio, x)])} (psf {_fmt(by[('TriAttention', ratio, x)]['mean_kl'])})"
+                                                     for x in texts)
+                      for ratio in sorted({r["prune_ratio"] for r in t["rows"]})) +
+                  f".  Command: `{t['meta']['command']}` (`docs/pruning_tri_profile.json`).", ""]
     lines += [f"**Verdict by the registered rule: {'confirmed' if all(verdict) else 'not confirmed'}** "
               "(at least 3 of 4 texts at both ratios).", "",
               "Read with care: one model, one text per kind, 256 continuation positions per text, so a KL "

@@ -83,7 +83,7 @@ class TriCalibration:
         return out
 
 
-def _resolve_calibration(cal):
+def resolve_calibration(cal):
     """A TriCalibration from a TriCalibration, a model profile that carries one, or a path to either file."""
     from ..profile import Profile
 
@@ -154,7 +154,7 @@ class TriAttentionPruner(Pruner):
         self.offsets = tuple(int(d) for d in self.offsets)
         if not self.offsets or min(self.offsets) < 0:
             raise PruneError("offsets must be a non-empty list of non-negative ints")
-        self.calibration = _resolve_calibration(self.calibration)
+        self.calibration = resolve_calibration(self.calibration)
 
     def calibrate(self, model, token_ids_list) -> "TriAttentionPruner":
         self.calibration = calibrate(model, token_ids_list)
