@@ -243,7 +243,7 @@ HELDOUT_CALIBRATED_READING = (
     "0.03–0.1 targets); at 16–17x 1 of 2; at 10–14x 5 of 8; at about 8x (ratio 0.25 with target 0.003) only 1 of "
     "4.  By setting: ratio 0.25 or 0.5 with target_kl 0.01 or 0.03 wins 15 of 16; either ratio with target_kl "
     "0.003 wins 2 of 8, because with fine quantization the pruning's own KL dominates.  So pruning + the "
-    "calibrated codec is the better use of bytes from roughly 15x up; below about 12x the calibrated codec "
+    "calibrated codec is the better use of bytes from about 17x up; below about 12x the calibrated codec "
     "alone is as good or better on held-out text.  A rate controller should search both "
     "(`seqkv.pruning.smallest_within(..., profile=...)`).")
 
