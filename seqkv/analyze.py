@@ -156,6 +156,8 @@ def analyze(cache_or_data, *, profile=None, model=None, original=None, **encode_
     parsed = _Parsed(data)
     if parsed.pipeline.lossless:
         raise ConfigError("analyze() explains lossy containers; a lossless one has no quantized symbols")
+    if parsed.pruning is not None:
+        raise ConfigError("analyze() explains unpruned containers only; analyze the cache before pruning")
     parsed.use_profile(profile)
     basis = parsed.profile or profile  # the KLT the Gaussian columns are measured in
     if basis is not None:

@@ -133,8 +133,12 @@ def _sensitivity(probe: QualityProbe, layout, part: LayerKindProfile, layer: int
 
 
 def calibrate(model, texts_or_token_ids, *, tokenizer=None, prompt_len: int = 2048, continuation_len: int = 256,
-              sink_tokens: int = DEFAULT_SINK_TOKENS, progress: bool = False, info: dict | None = None) -> Profile:
+              sink_tokens: int = DEFAULT_SINK_TOKENS, progress: bool = False, info: dict | None = None,
+              triattention: bool = False) -> Profile:
     """Calibrate a profile of ``model`` on real text (strings with ``tokenizer=``, or token-id sequences).
+
+    With ``triattention``, the profile also carries the TriAttention pruner's query centres, measured
+    on the same sequences (``prompt_len`` tokens each; profile version 2, same codec hash).
 
     Each sequence contributes up to ``prompt_len`` tokens of statistics; sensitivities and
     ``kl_gain`` are measured on every sequence with at least 64 + ``continuation_len`` + 1
@@ -234,4 +238,8 @@ def calibrate(model, texts_or_token_ids, *, tokenizer=None, prompt_len: int = 20
     profile.kl_gain = float(max(gains))
     profile.info["kl_gain_samples"] = [round(g, 4) for g in gains]
     profile.changed()
+    if triattention:
+        from .pruning.triattention import calibrate as calibrate_triattention
+
+        profile = profile.with_triattention(calibrate_triattention(model, [s[:prompt_len] for s in seqs]))
     return profile

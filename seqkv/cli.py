@@ -202,12 +202,20 @@ def cmd_calibrate(args) -> int:
     paths = args.text or sorted(os.path.join(CALIBRATION_DIR, f) for f in os.listdir(CALIBRATION_DIR) if f.endswith(".txt"))
     model, tokenizer = _model()
     t0 = time.perf_counter()
-    profile = calibrate(model, [_read_text(p) for p in paths], tokenizer=tokenizer, prompt_len=args.tokens,
-                        continuation_len=args.continuation_len, progress=True,
-                        info={"texts": [os.path.basename(p) for p in paths]})
+    if args.add_triattention:   # extend an existing profile: same codec part, so its containers still decode
+        from .pruning.triattention import calibrate as calibrate_triattention
+
+        base = _load_profile(args.add_triattention)
+        ids = [tokenizer(_read_text(p), return_tensors="pt").input_ids[0, :args.tokens] for p in paths]
+        profile = base.with_triattention(calibrate_triattention(model, ids))
+    else:
+        profile = calibrate(model, [_read_text(p) for p in paths], tokenizer=tokenizer, prompt_len=args.tokens,
+                            continuation_len=args.continuation_len, progress=True,
+                            info={"texts": [os.path.basename(p) for p in paths]}, triattention=args.triattention)
     profile.save(args.output)
-    print(f"wrote {args.output}: {profile.nbytes} bytes, sha256 {profile.hash}, kl_gain {profile.kl_gain:.3f} "
-          f"(samples {profile.info['kl_gain_samples']}), {time.perf_counter() - t0:.0f} s")
+    print(f"wrote {args.output}: {profile.nbytes} bytes, sha256 {profile.hash} (codec part {profile.codec_hash}), "
+          f"kl_gain {profile.kl_gain:.3f} (samples {profile.info.get('kl_gain_samples')}), "
+          f"TriAttention {'yes' if profile.triattention is not None else 'no'}, {time.perf_counter() - t0:.0f} s")
     return 0
 
 
@@ -497,6 +505,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tokens", type=int, default=2048, help="tokens per text (default 2048)")
     c.add_argument("--continuation-len", type=int, default=256)
     c.add_argument("-o", "--output", required=True, help="profile file to write (.safetensors)")
+    c.add_argument("--triattention", action="store_true",
+                   help="also store the TriAttention pruner's query centres (profile version 2)")
+    c.add_argument("--add-triattention", metavar="PROFILE",
+                   help="only add the TriAttention query centres to this existing profile (fast; same codec part)")
     c.set_defaults(func=cmd_calibrate)
 
     _add_store_parser(sub)

@@ -240,30 +240,35 @@ def encode(cache, *, preset: str | None = None, model=None, config=None, positio
     ``model``/``config`` give the layout, RoPE parameters and fingerprint (required
     for lossy presets unless a profile gives them).  ``positions`` is the start
     position (int) or the position of every cached token (default 0, 1, 2, ...).
-    ``prune`` (a ``seqkv.pruner(...)``) drops tokens first (presets only, not with a profile);
-    caches pruned before are encoded with their kept positions either way (docs/format.md §9).
+    ``prune`` (a ``seqkv.pruner(...)``) drops tokens first; caches pruned before are encoded with
+    their kept positions either way (docs/format.md §9).  With a profile, every KV head of a layer
+    must keep the same positions (``level="layer"`` or ``"chunk"``: the profile's KLT mixes the heads),
+    and ``target_kl`` is the predicted KL of the quantization alone, the pruning's own KL comes on top.
 
     """
     if preset is not None and not isinstance(preset, str):
         raise ConfigError(f"preset must be a string, got {type(preset).__name__}")
-    if profile is not None and preset in (None, CALIBRATED_PRESET) and (
-            prune is not None or getattr(cache, "seqkv_pruned", None) is not None):
-        raise ConfigError("pruning with a calibrated profile is not supported yet: use a preset with prune=")
+    targets_given = any(v is not None for v in (target_kl, bits_per_element, max_bytes)) or "scale" in options
+    calibrated = profile is not None and preset in (None, CALIBRATED_PRESET)
+    if targets_given and not calibrated:
+        raise ConfigError("target_kl / bits_per_element / max_bytes / scale need a calibrated profile= "
+                          "(seqkv.calibrate(...) or seqkv.Profile.load(path)) and no preset")
+    if profile is not None and not calibrated and preset != "lossless":
+        raise ConfigError(f"preset {preset!r} does not use a profile; leave preset out to use the profile")
     if prune is not None or getattr(cache, "seqkv_pruned", None) is not None:
         from .pruning.container import encode_pruned
 
+        if calibrated:
+            return encode_pruned(cache, prune, preset=CALIBRATED_PRESET, model=model, config=config,
+                                 positions=positions, progress=progress, profile=profile, kl_margin=kl_margin,
+                                 target=parse_target(target_kl, bits_per_element, max_bytes, options.pop("scale", None)),
+                                 **options)
         return encode_pruned(cache, prune, preset=preset or "balanced", model=model, config=config,
                              positions=positions, progress=progress, **options)
-    targets_given = any(v is not None for v in (target_kl, bits_per_element, max_bytes)) or "scale" in options
-    if profile is not None and preset in (None, CALIBRATED_PRESET):
+    if calibrated:
         return _encode_calibrated(cache, profile, model=model, config=config, positions=positions, progress=progress,
                                   target=parse_target(target_kl, bits_per_element, max_bytes, options.pop("scale", None)),
                                   kl_margin=kl_margin, **options)
-    if targets_given:
-        raise ConfigError("target_kl / bits_per_element / max_bytes / scale need a calibrated profile= "
-                          "(seqkv.calibrate(...) or seqkv.Profile.load(path)) and no preset")
-    if profile is not None and preset != "lossless":
-        raise ConfigError(f"preset {preset!r} does not use a profile; leave preset out to use the profile")
     preset = preset or "balanced"
     config_dict = pipeline_config(preset, **options)
     pipeline = _Pipeline(config_dict)
@@ -308,28 +313,50 @@ def _header(pipeline, layout, dtype_name, layers, heads, dim, tokens, positions)
 
 def _encode_calibrated(cache, profile, *, model, config, positions, progress, target, kl_margin, **options) -> bytes:
     """The calibrated codec: pre-RoPE, the profile's KLT, profile steps scaled by rate control."""
+    layers = cache_layers(cache)
+    pipeline, layout = calibrated_setup(profile, model, config, layers, kl_margin, options)
+    dtype_name = SUPPORTED_DTYPES[layers[0][0].dtype]
+    pos = _positions_of(positions, layers[0][0].shape[1])
+
+    def write(sections, extra_header):
+        return _write(sections, pipeline, layout, layers, dtype_name, pos, extra_header)
+
+    return calibrated_search(pipeline, profile, layout, layers, [pos] * len(layers), target, kl_margin, write,
+                             elements=len(layers) * 2 * layers[0][0].numel(), progress=progress)
+
+
+def calibrated_setup(profile, model, config, layers, kl_margin, options):
+    """The calibrated pipeline and the layout for ``layers``, with the profile checked against the model."""
     if not isinstance(profile, Profile):
         raise ConfigError(f"profile must be a seqkv.Profile, got {type(profile).__name__}")
     if not (isinstance(kl_margin, (int, float)) and 0.01 <= kl_margin <= 100):
         raise ConfigError(f"kl_margin must be in [0.01, 100], got {kl_margin!r}")
     pipeline = _Pipeline(calibrated_pipeline_config(profile.sink_tokens, **options))
-    layers = cache_layers(cache)
     if model is not None or config is not None:
         layout = _layout_for(model, config, layers, False)
         profile.check_model(layout)
     else:
         layout = _layout_for(profile.layout, None, layers, False)
-    dtype_name = SUPPORTED_DTYPES[layers[0][0].dtype]
-    pos = _positions_of(positions, layers[0][0].shape[1])
+    return pipeline, layout
+
+
+def calibrated_search(pipeline, profile, layout, layers, layer_positions, target, kl_margin, write, *, elements,
+                      progress=False) -> bytes:
+    """Transform every layer once, then pick the scale that meets ``target`` and return
+    ``write(sections, extra_header)``.  ``layer_positions[i]``: the positions of layer ``i``'s tokens
+    (all the same unless the cache was pruned layer by layer); ``elements``: what bits per element count."""
     sinks = pipeline.sink_tokens
     extra = {"profile": profile}
     transformed = {}
     for i, (keys, values) in progress_bar(list(enumerate(layers)), desc="encode: transform", enabled=progress):
         for kind, x in zip(KINDS, (keys, values)):
             x = x.cpu()
-            ctx = TensorContext(layer=i, kind=kind, positions=pos, layout=layout, extra=extra)
+            ctx = TensorContext(layer=i, kind=kind, positions=layer_positions[i], layout=layout, extra=extra)
             transformed[(i, kind)] = (x, pipeline.transform(x, ctx))
     bodies = {key: y[:, sinks:] for key, (_x, y) in transformed.items()}
+    shared = all(torch.equal(p, layer_positions[0]) for p in layer_positions[1:])
+    body_positions = None if shared else {(i, kind): layer_positions[i][min(sinks, len(layer_positions[i])):]
+                                          for (i, kind) in transformed}
     rounding = pipeline.quantizer.rounding
 
     def encode_at(scale: float) -> list:
@@ -337,7 +364,7 @@ def _encode_calibrated(cache, profile, *, model, config, positions, progress, ta
         extra["chain"] = {}  # cross-layer prediction: the previous layer's reconstruction per kind
         out = []
         for (i, kind), (x, y) in transformed.items():
-            ctx = TensorContext(layer=i, kind=kind, positions=pos, layout=layout, extra=extra)
+            ctx = TensorContext(layer=i, kind=kind, positions=layer_positions[i], layout=layout, extra=extra)
             out.append((section_name(i, kind), pipeline.code(x, y, ctx)))
         return out
 
@@ -346,16 +373,14 @@ def _encode_calibrated(cache, profile, *, model, config, positions, progress, ta
         sections = encode_at(scale)
         rate_control = {"target": target.to_json(), "scale": float(np.float32(scale)), "kl_margin": kl_margin,
                         "predicted_kl": profile.predicted_kl(extra["weighted_mse"])}
-        return _write(sections, pipeline, layout, layers, dtype_name, pos,
-                      {"profile": profile.ref(), "rate_control": rate_control})
+        return write(sections, {"profile": profile.ref(), "rate_control": rate_control})
 
     if target.kind == "scale":
         return container_at(target.value)
     kl_scale = scale_for_kl(profile, bodies, target.value if target.kind == "kl" else DEFAULT_TARGET_KL,
-                            rounding, kl_margin, cross_layer=pipeline.cross_layer)
+                            rounding, kl_margin, cross_layer=pipeline.cross_layer, positions=body_positions)
     if target.kind == "kl":
         return container_at(kl_scale)
-    elements = len(layers) * 2 * layers[0][0].numel()
     goal = target.value if target.kind == "max_bytes" else target.value * elements / 8
     _scale, blob = scale_for_size(container_at, goal, kl_scale, exact_cap=target.kind == "max_bytes")
     return blob
@@ -413,7 +438,8 @@ class _Parsed:
         except ConfigError as exc:
             raise FormatError(f"the container's pipeline is invalid or unknown to this version: {exc}") from None
         # the preamble's minor is not under a checksum: it must be the one the contents need
-        needed = 1 if (c.flags & FLAG_PRUNED or self.pipeline.needs_profile) else 0
+        pruned = bool(c.flags & FLAG_PRUNED)
+        needed = 2 if (pruned and self.pipeline.needs_profile) else 1 if (pruned or self.pipeline.needs_profile) else 0
         if c.version[1] != needed:
             raise FormatError(f"the preamble says format 1.{c.version[1]} but the contents are format 1.{needed}")
         self.profile_ref = h.get("profile")
@@ -430,8 +456,6 @@ class _Parsed:
         if c.flags & FLAG_PRUNED:
             from .pruning.container import PrunedInfo
 
-            if self.pipeline.needs_profile:
-                raise FormatError("a pruned container cannot use a calibrated profile in format 1.1")
             self.pruning = PrunedInfo(self)   # kept positions are per layer, read with the layer
             self.positions = None
         elif self.contiguous:
@@ -464,7 +488,15 @@ class _Parsed:
             # a chained section needs the previous layer's reconstruction: decode the missing ones in order
             done = min(self.chain.get(k, (-1,))[0] for k in KINDS)
             for j in range(done + 1 if done < i else 0, i):
-                self._decode_layer(j)
+                self._decode_any(j)
+        return self._decode_any(i, symbols_out)
+
+    def _decode_any(self, i: int, symbols_out: dict | None = None):
+        """Layer ``i``: (keys, values), or for a pruned container (per-head tensors, kept positions)."""
+        if self.pruning is not None:
+            from .pruning.container import decode_layer
+
+            return decode_layer(self, i)
         return self._decode_layer(i, symbols_out)
 
     def _decode_layer(self, i: int, symbols_out: dict | None = None):

@@ -13,11 +13,20 @@ A profile holds, for every layer and kind (keys pre-RoPE, values):
 
 plus ``kl_gain``, the measured ratio of true to predicted KL.  Profiles are
 shared by all caches of a model, like the weights; containers refer to one by
-its SHA-256 (``Profile.hash``) and decoding refuses any other profile.
+the SHA-256 of its codec part (``Profile.codec_hash``) and decoding refuses any
+other profile.
+
+Optionally (profile version 2), the TriAttention pruner's calibration (pre-RoPE
+query centres, :class:`seqkv.pruning.TriCalibration`), so a model is calibrated
+once for both.  It is not part of the codec: a version-2 profile has the same
+``codec_hash`` as the version-1 profile it extends, so containers encoded with
+either decode with either.  A profile without it is written as version 1, byte
+for byte as before.
 
 File format: a safetensors file (tensors ``layer.{i}.{kind}.{mean,basis,eigvals,weights}``
-and ``layer.{i}.{kind}.cross`` for i >= 1, float32) whose ``__metadata__`` has one key, ``seqkv_profile``, a JSON object
-(see ``docs/format.md``, "Profile files").  No pickle.
+and ``layer.{i}.{kind}.cross`` for i >= 1, float32; version 2 adds ``triattention.{mean_re,mean_im,mean_abs}``)
+whose ``__metadata__`` has one key, ``seqkv_profile``, a JSON object (see ``docs/format.md``, "Profile files").
+No pickle.
 """
 from __future__ import annotations
 
@@ -35,7 +44,9 @@ from .errors import ConfigError, ModelMismatchError
 from .layout import ModelLayout
 
 PROFILE_FORMAT = "seqkv-profile"
-PROFILE_VERSION = 1
+PROFILE_VERSION = 1                 # the codec part alone
+PROFILE_VERSION_TRIATTENTION = 2    # + the TriAttention calibration (optional tensors)
+TRIATTENTION_TENSORS = ("mean_re", "mean_im", "mean_abs")
 KINDS = ("keys", "values")
 MAX_PROFILE_BYTES = 1 << 31
 MAX_METADATA_BYTES = 1 << 24
@@ -70,47 +81,89 @@ class Profile:
     parts: dict                       # (layer, kind) -> LayerKindProfile
     kl_gain: float = 1.0              # true KL / linear-model KL, measured at calibration
     info: dict = field(default_factory=dict)  # calibration facts (texts, tokens, date), for humans
+    triattention: object = field(default=None, repr=False)  # seqkv.pruning.TriCalibration or None (version 2)
     _bytes: bytes | None = field(default=None, repr=False, compare=False)
-    _hash: tuple | None = field(default=None, repr=False, compare=False)  # (the bytes it hashed, hex digest)
+    _codec_bytes: bytes | None = field(default=None, repr=False, compare=False)
+    _digests: dict = field(default_factory=dict, repr=False, compare=False)  # id(bytes) -> (bytes, sha256 hex)
 
     # -- identity ---------------------------------------------------------------------------
     def changed(self) -> None:
         """Call after editing fields in place: the cached file bytes (and so the hash) are rebuilt."""
         self._bytes = None
+        self._codec_bytes = None
+        self._digests.clear()
+
+    def codec_bytes(self) -> bytes:
+        """The codec part as a version-1 profile file: what containers refer to."""
+        if self._codec_bytes is None:
+            if self._bytes is not None and self.triattention is None:
+                self._codec_bytes = self._bytes   # a version-1 file is its own codec part
+            else:
+                tensors, meta = self._codec_tensors_and_meta()
+                self._codec_bytes = _save(tensors, meta)
+        return self._codec_bytes
+
+    def _codec_tensors_and_meta(self):
+        tensors = {}
+        for (layer, kind), p in sorted(self.parts.items()):
+            for name in ("mean", "basis", "eigvals", "weights", "cross"):
+                if getattr(p, name) is not None:
+                    tensors[f"layer.{layer}.{kind}.{name}"] = getattr(p, name).to(torch.float32).contiguous()
+        meta = {
+            "format": PROFILE_FORMAT, "version": PROFILE_VERSION,
+            "model": self.layout.to_json(), "sink_tokens": self.sink_tokens, "kl_gain": self.kl_gain,
+            "sensitivity": {f"{layer}.{kind}": p.sensitivity for (layer, kind), p in sorted(self.parts.items())},
+            "info": self.info,
+        }
+        return tensors, meta
 
     def to_bytes(self) -> bytes:
         if self._bytes is None:
-            from safetensors.torch import save
-
-            tensors = {}
-            for (layer, kind), p in sorted(self.parts.items()):
-                for name in ("mean", "basis", "eigvals", "weights", "cross"):
-                    if getattr(p, name) is not None:
-                        tensors[f"layer.{layer}.{kind}.{name}"] = getattr(p, name).to(torch.float32).contiguous()
-            meta = {
-                "format": PROFILE_FORMAT, "version": PROFILE_VERSION,
-                "model": self.layout.to_json(), "sink_tokens": self.sink_tokens, "kl_gain": self.kl_gain,
-                "sensitivity": {f"{layer}.{kind}": p.sensitivity for (layer, kind), p in sorted(self.parts.items())},
-                "info": self.info,
-            }
-            self._bytes = save(tensors, metadata={"seqkv_profile": json.dumps(meta, sort_keys=True)})
+            if self.triattention is None:
+                self._bytes = self.codec_bytes()
+            else:
+                tensors, meta = self._codec_tensors_and_meta()
+                cal = self.triattention
+                for name in TRIATTENTION_TENSORS:
+                    tensors[f"triattention.{name}"] = getattr(cal, name).to(torch.float32).contiguous()
+                codec = self.codec_bytes()
+                meta.update(version=PROFILE_VERSION_TRIATTENTION,
+                            triattention={"tokens": int(cal.tokens), "codec_sha256": hashlib.sha256(codec).hexdigest(),
+                                          "codec_bytes": len(codec)})
+                self._bytes = _save(tensors, meta)
         return self._bytes
 
     @property
     def hash(self) -> str:
-        # every encode and decode checks it: hash the 17 MB once, not per call
-        data = self.to_bytes()
-        if self._hash is None or self._hash[0] is not data:
-            self._hash = (data, hashlib.sha256(data).hexdigest())
-        return self._hash[1]
+        """SHA-256 of the whole file."""
+        return self._sha256(self.to_bytes())
+
+    def _sha256(self, data: bytes) -> str:
+        # every encode and decode checks the hash: hash the 17 MB once per file image, not per call
+        hit = self._digests.get(id(data))
+        if hit is None or hit[0] is not data:
+            hit = self._digests[id(data)] = (data, hashlib.sha256(data).hexdigest())
+        return hit[1]
 
     @property
     def nbytes(self) -> int:
         return len(self.to_bytes())
 
+    @property
+    def codec_hash(self) -> str:
+        """SHA-256 of the codec part (the file itself for a version-1 profile): what containers record."""
+        return self._sha256(self.codec_bytes())
+
     def ref(self) -> dict:
-        """What a container records about the profile it was encoded with."""
-        return {"sha256": self.hash, "bytes": self.nbytes}
+        """What a container records about the profile it was encoded with: its codec part."""
+        return {"sha256": self.codec_hash, "bytes": len(self.codec_bytes())}
+
+    def with_triattention(self, calibration) -> "Profile":
+        """A copy of this profile that also carries ``calibration`` (a TriCalibration of the same model);
+        its ``codec_hash`` is this profile's, so every container made with one decodes with the other."""
+        _check_triattention(calibration, self.layout, "the TriAttention calibration")
+        return Profile(self.layout, self.sink_tokens, self.parts, self.kl_gain, dict(self.info), calibration,
+                       _codec_bytes=self.codec_bytes())
 
     def save(self, path: str | os.PathLike) -> None:
         tmp = f"{os.fspath(path)}.tmp-{os.getpid()}"
@@ -135,9 +188,10 @@ class Profile:
         meta, tensors = _read_safetensors(bytes(data), what)
         if meta.get("format") != PROFILE_FORMAT:
             raise ProfileError(f"{what}: not a seqkv profile (format {meta.get('format')!r})")
-        if meta.get("version") != PROFILE_VERSION:
-            raise ProfileError(f"{what}: profile version {meta.get('version')!r} is unknown to this seqkv "
-                               f"(it reads version {PROFILE_VERSION})")
+        version = meta.get("version")
+        if version not in (PROFILE_VERSION, PROFILE_VERSION_TRIATTENTION) or isinstance(version, bool):
+            raise ProfileError(f"{what}: profile version {version!r} is unknown to this seqkv "
+                               f"(it reads versions {PROFILE_VERSION} and {PROFILE_VERSION_TRIATTENTION})")
         try:
             layout = ModelLayout.from_json(meta["model"])
             sinks, gain = meta["sink_tokens"], float(meta["kl_gain"])
@@ -177,7 +231,18 @@ class Profile:
                 if float(err) > 1e-4:
                     raise ProfileError(f"{what}: {key} basis is not orthonormal (error {float(err):.2g})")
                 parts[(layer, kind)] = p
-        return cls(layout=layout, sink_tokens=sinks, parts=parts, kl_gain=gain, info=info, _bytes=bytes(data))
+        profile = cls(layout=layout, sink_tokens=sinks, parts=parts, kl_gain=gain, info=info, _bytes=bytes(data))
+        has_tri = "triattention" in meta or any(name.startswith("triattention.") for name in tensors)
+        if version == PROFILE_VERSION:
+            if has_tri:
+                raise ProfileError(f"{what}: a version-1 profile cannot hold a TriAttention calibration")
+            return profile
+        profile.triattention = _read_triattention(meta, tensors, layout, what)
+        # the codec part must be the one the file says: containers refer to it by that hash
+        tri = meta["triattention"]
+        if profile.codec_hash != tri["codec_sha256"] or len(profile.codec_bytes()) != tri["codec_bytes"]:
+            raise ProfileError(f"{what}: its codec part does not match the codec_sha256 it records")
+        return profile
 
     # -- checks -------------------------------------------------------------------------------
     def check_model(self, layout: ModelLayout) -> None:
@@ -185,16 +250,66 @@ class Profile:
 
     def check_ref(self, ref) -> None:
         """Raise ProfileMismatchError unless this profile is the one a container recorded."""
-        if not isinstance(ref, dict) or ref.get("sha256") != self.hash:
+        if not isinstance(ref, dict) or ref.get("sha256") != self.codec_hash:
             want = ref.get("sha256", "?") if isinstance(ref, dict) else "?"
             raise ProfileMismatchError(
                 f"the container was encoded with profile sha256 {str(want)[:16]}…, but the given profile is "
-                f"{self.hash[:16]}…: pass the profile it was encoded with"
+                f"{self.codec_hash[:16]}…: pass the profile it was encoded with"
             )
 
     def predicted_kl(self, mse: dict) -> float:
         """The linear model: kl_gain * sum over tensors of sensitivity * weighted MSE per element."""
         return self.kl_gain * sum(self.parts[k].sensitivity * v for k, v in mse.items())
+
+
+def _save(tensors: dict, meta: dict) -> bytes:
+    from safetensors.torch import save
+
+    return save(tensors, metadata={"seqkv_profile": json.dumps(meta, sort_keys=True)})
+
+
+def _check_triattention(cal, layout: ModelLayout, what: str) -> None:
+    """A TriAttention calibration must fit the model: [layers, query heads, head_dim / 2], finite, E|q| >= 0."""
+    from .pruning.triattention import TriCalibration
+
+    if not isinstance(cal, TriCalibration):
+        raise ProfileError(f"{what} must be a seqkv.pruning.TriCalibration, got {type(cal).__name__}")
+    shape = tuple(cal.mean_re.shape)
+    if not (len(shape) == 3 and shape[0] == layout.layers and shape[2] * 2 == layout.head_dim
+            and shape[1] >= layout.kv_heads and shape[1] % layout.kv_heads == 0):
+        raise ProfileError(f"{what} has shape {shape}; this model needs [{layout.layers}, a multiple of "
+                           f"{layout.kv_heads} query heads, {layout.head_dim // 2}]")
+    if not all(tuple(getattr(cal, n).shape) == shape and bool(torch.isfinite(getattr(cal, n)).all())
+               for n in TRIATTENTION_TENSORS):
+        raise ProfileError(f"{what}: mean_re / mean_im / mean_abs must be finite tensors of one shape")
+    if bool((cal.mean_abs < 0).any()):
+        raise ProfileError(f"{what}: mean_abs (E|q|) must be >= 0")
+    if not isinstance(cal.tokens, int) or isinstance(cal.tokens, bool) or cal.tokens < 1:
+        raise ProfileError(f"{what}: tokens must be a positive int, got {cal.tokens!r}")
+    if cal.fingerprint and layout.fingerprint and cal.fingerprint != layout.fingerprint:
+        raise ProfileError(f"{what} was made for a different model than the profile's")
+    if layout.has_rope and not torch.allclose(cal.inv_freq.double(), torch.as_tensor(layout.inv_freq_array()).double(),
+                                              rtol=1e-6, atol=0):
+        raise ProfileError(f"{what} has other RoPE frequencies than the profile's model")
+
+
+def _read_triattention(meta: dict, tensors: dict, layout: ModelLayout, what: str):
+    """The TriCalibration of a version-2 profile; RoPE parameters and fingerprint come from its layout."""
+    from .pruning.triattention import TriCalibration
+
+    try:
+        tri = meta["triattention"]
+        tokens, codec_sha, codec_len = tri["tokens"], tri["codec_sha256"], tri["codec_bytes"]
+        t = {n: tensors[f"triattention.{n}"] for n in TRIATTENTION_TENSORS}
+    except (KeyError, TypeError) as exc:
+        raise ProfileError(f"{what}: a version-2 profile needs its TriAttention part: missing {exc}") from None
+    if not (isinstance(codec_sha, str) and len(codec_sha) == 64) or not isinstance(codec_len, int) or isinstance(codec_len, bool):
+        raise ProfileError(f"{what}: invalid triattention codec_sha256 / codec_bytes")
+    cal = TriCalibration(**t, inv_freq=torch.as_tensor(layout.inv_freq_array()),
+                         attention_scaling=float(layout.rope_attention_scaling), fingerprint=layout.fingerprint,
+                         tokens=tokens)
+    _check_triattention(cal, layout, f"{what}: triattention")
+    return cal
 
 
 def _read_safetensors(data: bytes, what: str):

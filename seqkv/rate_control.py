@@ -79,37 +79,48 @@ def quantization_error(z_body: torch.Tensor, part, scale: float, rounding: float
     return weighted_mse(z_body, recon, part), recon
 
 
-def predicted_kl(profile, bodies: dict, scale: float, rounding: float, cross_layer: bool = False) -> float:
+def predicted_kl(profile, bodies: dict, scale: float, rounding: float, cross_layer: bool = False,
+                 positions: dict | None = None) -> float:
     """The profile's KL model for quantizing ``bodies`` ({(layer, kind): [H, T, D]}, in layer order),
-    chaining cross-layer predictions the way the quantizer does."""
+    chaining cross-layer predictions the way the quantizer does.  ``positions`` ({(layer, kind): [T]}):
+    the tokens' positions, for pruned caches whose layers keep different tokens."""
     mse = {}
     chain: dict = {}
     for (layer, kind), z in bodies.items():
         part = profile.parts[(layer, kind)]
-        ctx = TensorContext(layer=layer, kind=kind, positions=None, layout=profile.layout, extra={"chain": chain})
+        pos = None if positions is None else positions[(layer, kind)]
+        ctx = TensorContext(layer=layer, kind=kind, positions=pos, layout=profile.layout, extra={"chain": chain})
         pred = cross_layer_prediction(part, ctx, z.shape) if cross_layer else None
         mse[(layer, kind)], recon = quantization_error(z, part, scale, rounding, pred)
         remember_reconstruction(ctx, recon)
     return profile.predicted_kl(mse)
 
 
-def subsample(bodies: dict, tokens: int = SUBSAMPLE_TOKENS) -> dict:
-    out = {}
+def subsample(bodies: dict, tokens: int = SUBSAMPLE_TOKENS, positions: dict | None = None):
+    """About ``tokens`` tokens of every body.  With ``positions`` (pruned caches), the same *positions*
+    in every layer (those divisible by one stride), so cross-layer predictions still find their
+    tokens; returns ``(bodies, positions)`` then."""
+    if positions is None:
+        return {key: z[:, ::max(1, z.shape[1] // tokens)].contiguous() for key, z in bodies.items()}
+    stride = max(1, min(z.shape[1] for z in bodies.values()) // tokens)
+    out, out_pos = {}, {}
     for key, z in bodies.items():
-        stride = max(1, z.shape[1] // tokens)
-        out[key] = z[:, ::stride].contiguous()
-    return out
+        keep = positions[key] % stride == 0
+        out[key], out_pos[key] = z[:, keep].contiguous(), positions[key][keep]
+    return out, out_pos
 
 
 def scale_for_kl(profile, bodies: dict, target: float, rounding: float, margin: float = DEFAULT_KL_MARGIN,
-                 cross_layer: bool = False) -> float:
+                 cross_layer: bool = False, positions: dict | None = None) -> float:
     """The scale whose predicted KL (on a token subsample) is target * margin, within KL_TOLERANCE,
-    never above it.  Bracketed secant (Illinois) on log KL vs log scale: KL grows like scale^2."""
-    sample = subsample(bodies)
+    never above it.  Bracketed secant (Illinois) on log KL vs log scale: KL grows like scale^2.
+    ``positions``: as for :func:`predicted_kl` (pruned caches)."""
+    sample, sample_pos = subsample(bodies, positions=positions) if positions is not None else (subsample(bodies), None)
     goal = math.log(target * margin)
 
     def f(log_scale):
-        return math.log(max(predicted_kl(profile, sample, math.exp(log_scale), rounding, cross_layer), 1e-300)) - goal
+        kl = predicted_kl(profile, sample, math.exp(log_scale), rounding, cross_layer, sample_pos)
+        return math.log(max(kl, 1e-300)) - goal
 
     lo_limit, hi_limit = math.log(MIN_SCALE), math.log(10.0)
     close = -math.log1p(KL_TOLERANCE)

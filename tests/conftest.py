@@ -55,3 +55,16 @@ def tiny_profile(family: str = "llama", sensitivity: float | None = 50.0, seed: 
             part.sensitivity = sensitivity
         profile.changed()
     return profile
+
+
+def assert_layers_decode_alone(blob: bytes, profile) -> None:
+    """A two-layer container decodes layer 1 alone, and both layers backwards, to what a full decode gives."""
+    import seqkv
+
+    full = seqkv.decode(blob, profile=profile)
+    alone = seqkv.decode(blob, profile=profile, layers=[1])
+    backwards = seqkv.decode(blob, profile=profile, layers=[1, 0])
+    for kind in ("keys", "values"):
+        assert torch.equal(getattr(alone.layers[0], kind), getattr(full.layers[1], kind))
+        assert torch.equal(getattr(backwards.layers[0], kind), getattr(full.layers[1], kind))
+        assert torch.equal(getattr(backwards.layers[1], kind), getattr(full.layers[0], kind))

@@ -93,3 +93,10 @@ def test_calibrate_encode_analyze_on_the_embedded_model(tmp_path, capsys):
     assert info["rate_control"]["target"] == {"kl": 0.01}
     assert main(["analyze", str(skv), "--profile", str(profile)]) == 0
     assert "| all |" in capsys.readouterr().out
+    # TriAttention's query centres added to the profile: the codec part (and so every container) is unchanged
+    tri = tmp_path / "p2.safetensors"
+    assert main(["calibrate", "--add-triattention", str(profile), "--text",
+                 os.path.join(root, "bench", "calibration", "calib_argparse.txt"), "--tokens", "400", "-o", str(tri)]) == 0
+    extended = seqkv.Profile.load(tri)
+    assert extended.triattention is not None and extended.codec_hash == info["profile"]["sha256"]
+    assert len(seqkv.decode(skv.read_bytes(), profile=extended).layers) == 30

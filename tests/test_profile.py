@@ -14,7 +14,7 @@ from seqkv.errors import ConfigError, EncodeError, FormatError, ModelMismatchErr
 from seqkv.profile import Profile, ProfileError, ProfileMismatchError
 from seqkv.rate_control import BPE_TOLERANCE, KL_TOLERANCE, MAX_BYTES_SLACK
 
-from conftest import tiny_cache, tiny_profile
+from conftest import assert_layers_decode_alone, tiny_cache, tiny_profile
 
 
 def fp16_cache(tokens=96, seed=3):
@@ -335,13 +335,7 @@ def test_cross_layer_sections_decode_alone_in_any_order():
     profile = tiny_profile()
     blob = seqkv.encode(cache, model=model, profile=profile, scale=0.03)
     assert seqkv.inspect(blob)["pipeline"]["quantizer"]["cross_layer"] is True
-    full = seqkv.decode(blob, profile=profile)
-    alone = seqkv.decode(blob, profile=profile, layers=[1])
-    backwards = seqkv.decode(blob, profile=profile, layers=[1, 0])
-    for kind in ("keys", "values"):
-        assert torch.equal(getattr(alone.layers[0], kind), getattr(full.layers[1], kind))
-        assert torch.equal(getattr(backwards.layers[0], kind), getattr(full.layers[1], kind))
-        assert torch.equal(getattr(backwards.layers[1], kind), getattr(full.layers[0], kind))
+    assert_layers_decode_alone(blob, profile)
 
 
 def test_cross_layer_prediction_is_used_and_never_much_worse():

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..bitpacking import pack_low_bits, unpack_low_bits
-from ..errors import AlreadyPrunedError, EncodeError, FormatError
+from ..errors import AlreadyPrunedError, ConfigError, EncodeError, FormatError
 from ..stages.base import TensorContext
 from ..wire import Reader, write_uvarint
 from .state import PruneState, build_pruned_cache, pruned_state, ragged_layers
@@ -20,6 +20,7 @@ from .state import PruneState, build_pruned_cache, pruned_state, ragged_layers
 HEADER_VERSION = 1
 MAX_SPAN = 1 << 40
 LEVELS = ("token", "layer", "chunk")
+CALIBRATED_PRUNED_MINOR = 2   # format 1.2: a pruned container coded with the calibrated codec (docs/format.md §9.3)
 
 
 def kept_section_name(layer: int) -> str:
@@ -82,7 +83,10 @@ def decode_kept(payload, heads: int, width: int, start: int, span: int, what: st
 
 # -- encode ----------------------------------------------------------------------------------------
 
-def encode_pruned(cache, prune, *, preset, model, config, positions, progress, **options) -> bytes:
+def encode_pruned(cache, prune, *, preset, model, config, positions, progress, profile=None, target=None,
+                  kl_margin=None, **options) -> bytes:
+    """A pruned container; with ``profile`` (the calibrated codec) every head of a layer must keep the
+    same positions, and ``target`` / ``kl_margin`` drive its rate control."""
     from .. import codec
     from ..container import FLAG_PRUNED, write_container
     from ..hf_adapter import SUPPORTED_DTYPES, cache_layers
@@ -96,19 +100,47 @@ def encode_pruned(cache, prune, *, preset, model, config, positions, progress, *
     elif positions is not None:
         raise EncodeError("a pruned cache carries its own positions; do not pass positions=")
     state = pruned_state(cache)
-    pipeline = codec._Pipeline(pipeline_config(preset, **options))
     layers = cache_layers(cache)
-    layout = codec._layout_for(model, config, layers, pipeline.lossless)
     heads, _, dim = layers[0][0].shape
     dtype_name = SUPPORTED_DTYPES[layers[0][0].dtype]
     per_layer, next_position = ragged_layers(cache)
     start = min(int(p[0]) for layer in per_layer for _, _, p in layer)
     span = next_position - start
     width = max(int(p.numel()) for layer in per_layer for _, _, p in layer)
+    kept_sections = [encode_kept([p for _, _, p in hs], start, span) for hs in per_layer]
+
+    def header_of(pipeline, layout) -> dict:
+        header = codec._header(pipeline, layout, dtype_name, len(layers), heads, dim, width,
+                               {"start": start, "next": next_position, "contiguous": False})
+        header["pruning"] = {"version": HEADER_VERSION, "level": state.level, "pruner": state.pruner,
+                             "source_tokens": state.source_tokens}
+        return header
+
+    if profile is not None:
+        if any(k[0] != 1 for k in kept_sections):
+            raise ConfigError(
+                f"the calibrated profile's KLT mixes the KV heads of a layer, so every head of a layer must keep "
+                f"the same positions; this cache was pruned per head ({state.pruner.get('id')!r}, level "
+                f"{state.level!r}, head_budget {state.pruner.get('head_budget')!r}): prune with level='layer' "
+                f"(or 'chunk'), or encode with a preset")
+        tensors = [(torch.stack([h[0] for h in hs]), torch.stack([h[1] for h in hs])) for hs in per_layer]
+        pipeline, layout = codec.calibrated_setup(profile, model, config, tensors, kl_margin, options)
+
+        def write(sections, extra_header):
+            pairs = [sections[2 * i:2 * i + 2] for i in range(len(per_layer))]
+            out = [s for i, pair in enumerate(pairs) for s in [(kept_section_name(i), kept_sections[i]), *pair]]
+            return write_container(dict(header_of(pipeline, layout), **extra_header), out, flags=FLAG_PRUNED,
+                                   min_minor=CALIBRATED_PRUNED_MINOR)
+
+        return codec.calibrated_search(pipeline, profile, layout, tensors, [hs[0][2] for hs in per_layer], target,
+                                       kl_margin, write, progress=progress,
+                                       elements=len(layers) * 2 * heads * dim * state.source_tokens)
+    pipeline = codec._Pipeline(pipeline_config(preset, **options))
+    layout = codec._layout_for(model, config, layers, pipeline.lossless)
     sections = []
     for i, hs in progress_bar(list(enumerate(per_layer)), desc=f"encode {preset} (pruned)", enabled=progress):
         lists = [p for _, _, p in hs]
-        kept = encode_kept(lists, start, span)
+        kept = kept_sections[i]
         sections.append((kept_section_name(i), kept))
         shared = kept[0] == 1
         for kind_i, kind in enumerate(codec.KINDS):
@@ -125,11 +157,7 @@ def encode_pruned(cache, prune, *, preset, model, config, positions, progress, *
                     out += part
                 payload = bytes(out)
             sections.append((codec.section_name(i, kind), payload))
-    header = codec._header(pipeline, layout, dtype_name, len(layers), heads, dim, width,
-                           {"start": start, "next": next_position, "contiguous": False})
-    header["pruning"] = {"version": HEADER_VERSION, "level": state.level, "pruner": state.pruner,
-                         "source_tokens": state.source_tokens}
-    return write_container(header, sections, flags=FLAG_PRUNED)
+    return write_container(header_of(pipeline, layout), sections, flags=FLAG_PRUNED)
 
 
 # -- decode ----------------------------------------------------------------------------------------
@@ -169,13 +197,16 @@ def decode_layer(parsed, i: int):
     info = parsed.pruning
     lists, shared = decode_kept(parsed.container.section(kept_section_name(i)), parsed.heads, parsed.tokens,
                                 info.start, info.span, kept_section_name(i))
+    if parsed.pipeline.needs_profile and not shared:
+        raise FormatError(f"{kept_section_name(i)}: a calibrated pruned container keeps the same positions in every head")
+    extra = {"profile": parsed.profile, "chain": parsed.chain}
     tensors = []
     for kind in codec.KINDS:
         name = codec.section_name(i, kind)
         payload = parsed.container.section(name)
         try:
             if shared:
-                ctx = TensorContext(layer=i, kind=kind, positions=lists[0], layout=parsed.layout)
+                ctx = TensorContext(layer=i, kind=kind, positions=lists[0], layout=parsed.layout, extra=extra)
                 x = parsed.pipeline.decode_tensor(payload, ctx, parsed.dtype, (parsed.heads, len(lists[0]), parsed.dim))
                 tensors.append(list(x))
             else:
@@ -200,7 +231,7 @@ def decode_pruned(parsed, indices, device=None, dtype=None, progress: bool = Fal
 
     per_layer, kept = [], []
     for i in progress_bar(list(indices), desc="decode (pruned)", enabled=progress):
-        tensors, lists = decode_layer(parsed, i)
+        tensors, lists = parsed.decode_layer(i)   # in layer order where sections chain across layers
         if dtype is not None:
             tensors = [(k.to(dtype), v.to(dtype)) for k, v in tensors]
         per_layer.append(tensors)

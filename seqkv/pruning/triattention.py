@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -82,6 +83,28 @@ class TriCalibration:
         return out
 
 
+def resolve_calibration(cal):
+    """A TriCalibration from a TriCalibration, a model profile that carries one, or a path to either file."""
+    from ..profile import Profile
+
+    if isinstance(cal, (str, os.PathLike)):
+        path = os.fspath(cal)
+        try:
+            return TriCalibration.load(path)
+        except ConfigError as exc:
+            if "is not a TriAttention calibration file" not in str(exc):
+                raise
+        cal = Profile.load(path)   # a model profile (version 2) carries one
+    if isinstance(cal, Profile):
+        if cal.triattention is None:
+            raise PruneError("this model profile has no TriAttention calibration: make one with "
+                             "`seqkv calibrate --add-triattention PROFILE -o OUT` or Profile.with_triattention(...)")
+        return cal.triattention
+    if cal is not None and not isinstance(cal, TriCalibration):
+        raise PruneError(f"calibration must be a TriCalibration, a seqkv.Profile or a path, got {type(cal).__name__}")
+    return cal
+
+
 def _complex(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.complex(x[..., :half].float(), x[..., half:].float())
@@ -122,7 +145,7 @@ class TriAttentionPruner(Pruner):
     n_sink: int = 4
     window: int = 0          # the last `window` tokens are always kept
     use_norm: bool = True
-    calibration: object = field(default=None, repr=False)   # TriCalibration or a path to a saved one
+    calibration: object = field(default=None, repr=False)   # TriCalibration, a seqkv.Profile carrying one, or a path to either
 
     name = "triattention"
 
@@ -131,8 +154,7 @@ class TriAttentionPruner(Pruner):
         self.offsets = tuple(int(d) for d in self.offsets)
         if not self.offsets or min(self.offsets) < 0:
             raise PruneError("offsets must be a non-empty list of non-negative ints")
-        if isinstance(self.calibration, str):
-            self.calibration = TriCalibration.load(self.calibration)
+        self.calibration = resolve_calibration(self.calibration)
 
     def calibrate(self, model, token_ids_list) -> "TriAttentionPruner":
         self.calibration = calibrate(model, token_ids_list)

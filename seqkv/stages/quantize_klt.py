@@ -37,20 +37,48 @@ def weighted_mse(z: torch.Tensor, recon: torch.Tensor, part) -> float:
 def cross_layer_prediction(part, ctx: TensorContext, shape) -> torch.Tensor | None:
     """The previous layer's reconstruction (same kind) mapped through the profile's ``cross``, [H, T, D];
     None for layer 0 or when the previous layer is not in ``ctx.extra["chain"]``.  (All components are
-    computed: on SmolLM2 about 95 % of them use the prediction.)"""
+    computed: on SmolLM2 about 95 % of them use the prediction.)
+
+    In a pruned cache two layers may keep different positions: a token is then predicted from the
+    previous layer's reconstruction of the same position, and tokens that layer did not keep are
+    predicted as zero (their residual is the coefficient itself)."""
     heads, tokens, dim = shape
     link = ctx.extra.get("chain", {}).get(ctx.kind)
-    if part.cross is None or link is None or link[0] != ctx.layer - 1 or link[1].shape[1] != tokens:
+    if part.cross is None or link is None or link[0] != ctx.layer - 1:
         return None
-    return from_columns(part.cross @ link[1], heads, dim)
+    columns = _aligned_columns(link, _body_positions(ctx.positions, tokens), tokens)
+    return None if columns is None else from_columns(part.cross @ columns, heads, dim)
+
+
+def _body_positions(positions: torch.Tensor | None, tokens: int) -> torch.Tensor | None:
+    """The positions of the quantized tokens: the last ``tokens`` ones (exact sink tokens come first)."""
+    if positions is None or tokens == 0 or positions.numel() < tokens:
+        return None
+    return positions[positions.numel() - tokens:]
+
+
+def _aligned_columns(link: tuple, positions: torch.Tensor | None, tokens: int) -> torch.Tensor | None:
+    """The previous layer's [H*D, T] reconstruction at this layer's token positions (zero where it has none)."""
+    prev = link[1]
+    prev_pos = link[2] if len(link) > 2 else None
+    if prev_pos is None or positions is None or torch.equal(prev_pos, positions):
+        return prev if prev.shape[1] == tokens else None
+    if prev_pos.numel() == 0:
+        return None
+    idx = torch.searchsorted(prev_pos, positions).clamp_max(prev_pos.numel() - 1)
+    hit = prev_pos[idx] == positions
+    if not bool(hit.any()):
+        return None
+    return prev[:, idx] * hit[None, :]
 
 
 def remember_reconstruction(ctx: TensorContext, recon: torch.Tensor) -> None:
-    """Keep this layer's reconstruction for the next layer's cross-layer prediction."""
+    """Keep this layer's reconstruction (and its tokens' positions) for the next layer's cross-layer prediction."""
     if "chain" in ctx.extra:
         # channel-major [H*D, T] and contiguous, in encoder and decoder alike, so that both compute the next
         # layer's prediction with the same matrix product and get the same floats
-        ctx.extra["chain"][ctx.kind] = (ctx.layer, columns_of(recon).contiguous())
+        ctx.extra["chain"][ctx.kind] = (ctx.layer, columns_of(recon).contiguous(),
+                                        _body_positions(ctx.positions, recon.shape[1]))
 
 
 @register

@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repo, when not
 import seqkv  # noqa: E402
 from conftest import tiny_cache, tiny_profile  # noqa: E402
 
-VERSION = "v1_1"  # only the files of this version are written; older versions' files are never regenerated
+VERSION = "v1_2"  # only the files of this version are written; older versions' files are never regenerated
 V1_0_CASES = {  # written by the 1.0 writer (kept here to document them)
     "lossless_fp16": dict(family="llama", dtype=torch.float16, kw={"preset": "lossless"}),
     "lossless_bf16_positions": dict(family="qwen2", dtype=torch.bfloat16,
@@ -30,12 +30,17 @@ V1_0_CASES = {  # written by the 1.0 writer (kept here to document them)
     "hadamard_lloydmax_fp32": dict(family="llama", dtype=torch.float32,
                                    kw={"preset": "balanced", "rotation": "hadamard", "quantizer": "lloydmax", "bits": 3}),
 }
-CASES = {  # 1.1: pruned containers (flag PRUNED, docs/format.md §9) and the calibrated codec (§11)
+V1_1_CASES = {  # 1.1: pruned containers (flag PRUNED, docs/format.md §9) and the calibrated codec (§11)
     "lossless_fp16_pruned_ragged": dict(family="llama", dtype=torch.float16,
                                         kw={"preset": "lossless"}, prune={"name": "key_norm", "ratio": 0.5, "head_budget": "adaptive"}),
     "balanced_bf16_pruned_chunk": dict(family="qwen2", dtype=torch.bfloat16,
                                        kw={"preset": "balanced"}, prune={"name": "key_norm", "ratio": 0.5, "level": "chunk", "chunk_size": 3}),
     "calibrated_fp16": dict(family="llama", dtype=torch.float16, tokens=40, kw={"scale": 0.03}, profile=True),
+}
+
+CASES = {  # 1.2: a pruned container coded with the calibrated codec (docs/format.md §9.3)
+    "calibrated_fp16_pruned_layer": dict(family="llama", dtype=torch.float16, tokens=40, kw={"scale": 0.03}, profile=True,
+                                         prune={"name": "key_norm", "ratio": 0.5, "level": "layer"}),
 }
 
 
