@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import seqkv
 from seqkv.checksum import crc32c
-from seqkv.container import MAGIC, PREAMBLE, Container
+from seqkv.container import FLAG_PRUNED, MAGIC, PREAMBLE, Container
 from seqkv.errors import DecodeError
 from seqkv.profile import ProfileMismatchError
 
@@ -35,6 +35,14 @@ def sample(kind: str) -> bytes:
     if kind == "calibrated":
         model, cache = tiny_cache("llama", tokens=40, dtype=torch.float16)
         return seqkv.encode(cache, model=model, profile=tiny_profile(), scale=0.03)
+    if kind == "pruned":  # 1.1: PRUNED flag, kept positions ragged per head
+        model, cache = tiny_cache("llama", tokens=40, dtype=torch.float16)
+        return seqkv.encode(cache, preset="balanced", model=model,
+                            prune=seqkv.pruner("key_norm", ratio=0.5, head_budget="adaptive"))
+    if kind == "pruned_calibrated":  # 1.2: pruned (one set of positions per layer) and calibrated
+        model, cache = tiny_cache("llama", tokens=40, dtype=torch.float16)
+        return seqkv.encode(cache, model=model, profile=tiny_profile(), scale=0.03,
+                            prune=seqkv.pruner("key_norm", ratio=0.5, level="layer"))
     if kind == "lloydmax":
         model, cache = tiny_cache("llama", tokens=12)
         return seqkv.encode(cache, preset="balanced", model=model, rotation="hadamard", quantizer="lloydmax", bits=3)
@@ -42,13 +50,14 @@ def sample(kind: str) -> bytes:
     return seqkv.encode(cache, preset=kind, model=model)
 
 
-KINDS = st.sampled_from(["lossless16", "lossless32", "balanced", "small", "lloydmax", "calibrated"])
+ALL_KINDS = ["lossless16", "lossless32", "balanced", "small", "lloydmax", "calibrated", "pruned", "pruned_calibrated"]
+KINDS = st.sampled_from(ALL_KINDS)
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _warm_samples():
     """Build every sample (and the profile) before hypothesis starts timing examples."""
-    for kind in ["lossless16", "lossless32", "balanced", "small", "lloydmax", "calibrated"]:
+    for kind in ALL_KINDS:
         sample(kind)
 
 
@@ -57,7 +66,10 @@ def decode(data, **kw):
     return seqkv.decode(data, profile=tiny_profile(), **kw)
 
 
-def reseal(header: dict, sections: list[bytes]) -> bytes:
+def reseal(header: dict, sections: list[bytes], like: bytes | None = None) -> bytes:
+    """Rebuild a container from a (mutated) header and sections, with the flags of ``like`` (the original
+    container) and the minor version the writer would give such contents, so that mutations reach past
+    the reader's version checks (docs/format.md §2: calibrated or pruned 1.1, both 1.2)."""
     table = []
     offset = 0
     for entry, payload in zip(header["sections"], sections):
@@ -65,8 +77,10 @@ def reseal(header: dict, sections: list[bytes]) -> bytes:
         offset += len(payload)
     header = dict(header, sections=table)
     hb = json.dumps(header).encode()
-    minor = 1 if "profile" in header else 0  # calibrated containers are 1.1 (docs/format.md §2)
-    return PREAMBLE.pack(MAGIC, 1, minor, 0, len(hb), crc32c(hb)) + hb + b"".join(sections)
+    flags = 0 if like is None else PREAMBLE.unpack_from(like, 0)[3]
+    calibrated, pruned = "profile" in header, bool(flags & FLAG_PRUNED)
+    minor = 2 if calibrated and pruned else int(calibrated or pruned)
+    return PREAMBLE.pack(MAGIC, 1, minor, flags, len(hb), crc32c(hb)) + hb + b"".join(sections)
 
 
 def split(data: bytes):
@@ -109,7 +123,8 @@ def test_bit_flips(kind, data):
 @FUZZ
 @given(KINDS, st.data())
 def test_resealed_section_mutations(kind, data):
-    header, sections = split(sample(kind))
+    blob = sample(kind)
+    header, sections = split(blob)
     i = data.draw(st.integers(0, len(sections) - 1))
     payload = bytearray(sections[i])
     op = data.draw(st.sampled_from(["flip", "overwrite", "truncate", "extend", "insert"]))
@@ -128,7 +143,7 @@ def test_resealed_section_mutations(kind, data):
         j = data.draw(st.integers(0, len(payload)))
         payload[j:j] = data.draw(st.binary(min_size=1, max_size=8))
     sections[i] = bytes(payload)
-    must_decode_or_refuse(reseal(header, sections))
+    must_decode_or_refuse(reseal(header, sections, blob))
 
 
 JSON_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=False),
@@ -138,13 +153,14 @@ JSON_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), 
 @FUZZ
 @given(KINDS, st.data())
 def test_resealed_header_mutations(kind, data):
-    header, sections = split(sample(kind))
+    blob = sample(kind)
+    header, sections = split(blob)
     paths = [("tokens",), ("layers",), ("kv_heads",), ("head_dim",), ("dtype",), ("batch",), ("positions",),
              ("positions", "start"), ("positions", "next"), ("positions", "contiguous"), ("model",), ("model", "layers"),
              ("model", "head_dim"), ("model", "rope_inv_freq"), ("model", "rope_attention_scaling"), ("pipeline",),
              ("pipeline", "mode"), ("pipeline", "coder"), ("pipeline", "quantizer"), ("pipeline", "sink_tokens"),
              ("pipeline", "transforms"), ("pipeline", "predictor"), ("profile",), ("profile", "sha256"),
-             ("profile", "bytes"), ("rate_control",)]
+             ("profile", "bytes"), ("rate_control",), ("pruning",), ("pruning", "source_tokens")]
     path = data.draw(st.sampled_from(paths))
     target = header
     for key in path[:-1]:
@@ -154,7 +170,7 @@ def test_resealed_header_mutations(kind, data):
             target[path[-1]] = data.draw(JSON_VALUES)
         else:
             target.pop(path[-1], None)
-    must_decode_or_refuse(reseal(header, sections))
+    must_decode_or_refuse(reseal(header, sections, blob))
 
 
 @pytest.mark.parametrize("tokens", [2**26, 2**40])
