@@ -97,9 +97,16 @@ def cmd_demo(args) -> int:
 def cmd_encode(args) -> int:
     from . import codec
 
+    options = _encode_options(args)
+    pruner = _pruner_from_args(args)  # argument errors before the (slow) model load
+    text = _read_text(args.text)
     model, tokenizer = _model()
-    _, n, cache = _prefill_text(model, tokenizer, _read_text(args.text), args.tokens, args.cache_dtype)
-    blob = codec.encode(cache, model=model, progress=True, **_encode_options(args))
+    if pruner is not None and pruner.query_aware:
+        with pruner.observe(model):  # query-aware pruners score with the prefill's queries
+            _, n, cache = _prefill_text(model, tokenizer, text, args.tokens, args.cache_dtype)
+    else:
+        _, n, cache = _prefill_text(model, tokenizer, text, args.tokens, args.cache_dtype)
+    blob = codec.encode(cache, model=model, progress=True, prune=pruner, **options)
     _write_atomic(args.output, blob)
     info = codec.inspect(blob)
     print(f"wrote {args.output}: {len(blob)} bytes, {n} tokens, ratio {info['ratio_vs_fp16']:.2f}x vs fp16, "
@@ -121,6 +128,32 @@ def _encode_options(args) -> dict:
     if args.preset is not None or args.step is not None:
         raise SeqKVError("--profile selects the calibrated codec: leave out --preset and --step")
     return {"profile": _load_profile(args.profile), **targets}
+
+
+def _pruner_from_args(args):
+    """The --prune pruner, or None."""
+    if args.prune is None:
+        if args.prune_ratio is not None or args.prune_level is not None:
+            raise SeqKVError("--prune-ratio / --prune-level need --prune NAME")
+        return None
+    from .pruning import pruner
+
+    if args.prune_ratio is None:
+        raise SeqKVError("--prune needs --prune-ratio: the fraction of tokens removed, in (0, 1)")
+    kwargs = {"ratio": args.prune_ratio}
+    calibration = args.prune_calibration or (args.profile if args.prune == "triattention" else None)
+    if args.prune == "triattention":
+        if calibration is None:
+            raise SeqKVError("--prune triattention needs its query centres: --prune-calibration FILE (a saved "
+                             "calibration, or a profile made with seqkv calibrate --triattention / --add-triattention)")
+        kwargs["calibration"] = calibration
+    elif args.prune_calibration is not None:
+        raise SeqKVError("--prune-calibration is for --prune triattention")
+    if args.prune_level is not None:
+        kwargs["level"] = args.prune_level
+    elif args.profile is not None:
+        kwargs["level"] = "layer"  # the profile's KLT mixes a layer's heads: they must keep the same tokens
+    return pruner(args.prune, **kwargs)
 
 
 def _add_encode_options(parser) -> None:
@@ -162,11 +195,22 @@ def _save_cache(cache, path: str, start: int, next_position: int, fingerprint: s
     """Write per-layer keys/values to a .safetensors file atomically (temporary name, then rename)."""
     from safetensors.torch import save_file
 
+    import torch
+
     tensors = {}
     for i, layer in enumerate(cache.layers):
         tensors[f"layer.{i}.keys"] = layer.keys.contiguous()
         tensors[f"layer.{i}.values"] = layer.values.contiguous()
     meta = {"next_position": str(next_position), "start_position": str(start), "model_fingerprint": fingerprint}
+    state = getattr(cache, "seqkv_pruned", None)
+    if state is not None:
+        # a pruned cache is not the tokens 0..n-1: slot j of head h of layer i holds the token at position
+        # layer.{i}.kept.{h}[j], and slots past that tensor's length are padding
+        for i, kept in enumerate(state.kept):
+            for h, positions in enumerate(kept):
+                tensors[f"layer.{i}.kept.{h}"] = positions.to(torch.int64).contiguous()
+        meta.update(pruned="per-head kept positions in layer.{i}.kept.{h}; later slots are padding",
+                    source_tokens=str(state.source_tokens))
     tmp = f"{path}.tmp-{os.getpid()}"
     save_file(tensors, tmp, metadata=meta)
     os.replace(tmp, path)
@@ -461,6 +505,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tokens", type=int, default=2048)
     _add_encode_options(e)
     e.add_argument("--cache-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    e.add_argument("--prune", metavar="NAME", help="drop tokens first with this pruner (docs/pruning.md): "
+                                                 "sinks_window, key_norm, snapkv, expected_attention, triattention, ...")
+    e.add_argument("--prune-ratio", type=float, help="with --prune: the fraction of tokens removed")
+    e.add_argument("--prune-level", choices=["token", "layer", "chunk"],
+                   help="with --prune: token (per head; default), layer or chunk (default layer with --profile)")
+    e.add_argument("--prune-calibration", metavar="FILE",
+                   help="with --prune triattention: its calibration (a saved one, or a profile that carries one; "
+                        "default: --profile)")
     e.add_argument("-o", "--output", required=True)
     e.set_defaults(func=cmd_encode)
 

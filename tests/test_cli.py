@@ -42,6 +42,13 @@ def test_encode_inspect_decode_demo_eval(tmp_path, capsys):
     skv = tmp_path / "c.skv"
     assert main(["encode", "--tokens", "200", "--preset", "small", "-o", str(skv)]) == 0
     assert seqkv.inspect(skv.read_bytes())["tokens"] == 200
+    # query-aware pruning on the command line: the prefill is observed, the container records the kept positions
+    pruned = tmp_path / "p.skv"
+    assert main(["encode", "--tokens", "200", "--prune", "snapkv", "--prune-ratio", "0.5", "-o", str(pruned)]) == 0
+    info = seqkv.inspect(pruned.read_bytes())
+    assert info["pruning"]["source_tokens"] == 200 and info["positions"]["next"] == 200
+    assert main(["decode", str(pruned), "-o", str(tmp_path / "p.safetensors")]) == 0
+    assert load_file(str(tmp_path / "p.safetensors"))["layer.0.kept.0"].numel() == 100
     assert main(["demo", "--tokens", "300", "--new-tokens", "4"]) == 0
     out = capsys.readouterr().out
     assert "| balanced |" in out and "identical greedy continuation: yes" in out
@@ -53,6 +60,39 @@ def test_encode_inspect_decode_demo_eval(tmp_path, capsys):
     assert rows["lossless"]["mean_kl"] == 0.0 and rows["lossless"]["ratio"] > rows["shuffle+zstd-3"]["ratio"]
     assert 0 < rows["small"]["mean_kl"] < 0.2 and rows["small"]["ratio"] > 4
     assert "Protocol" in md.read_text()
+
+
+GOLDEN_PRUNED = os.path.join(os.path.dirname(__file__), "golden", "v1_1_lossless_fp16_pruned_ragged.skv")
+
+
+def test_decode_writes_the_kept_positions_of_a_pruned_cache(tmp_path):
+    from safetensors import safe_open
+
+    out = tmp_path / "p.safetensors"
+    assert main(["decode", GOLDEN_PRUNED, "-o", str(out)]) == 0
+    with open(GOLDEN_PRUNED, "rb") as f:
+        state = seqkv.decode(f.read()).seqkv_pruned
+    tensors = load_file(str(out))
+    for i, kept in enumerate(state.kept):
+        for h, positions in enumerate(kept):
+            assert tensors[f"layer.{i}.kept.{h}"].equal(positions)
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    assert meta["next_position"] == str(state.next_position) and "kept" in meta["pruned"]
+    assert meta["source_tokens"] == str(state.source_tokens)
+
+
+def test_prune_arguments_are_checked_before_the_model_loads(tmp_path, capsys):
+    out = str(tmp_path / "x.skv")
+    for args, message in [(["--prune-ratio", "0.5"], "need --prune NAME"),
+                          (["--prune", "snapkv"], "--prune needs --prune-ratio"),
+                          (["--prune", "triattention", "--prune-ratio", "0.5"], "--prune-calibration FILE"),
+                          (["--prune", "snapkv", "--prune-ratio", "0.5", "--prune-calibration", "c"], "is for --prune triattention"),
+                          (["--prune", "no_such_pruner", "--prune-ratio", "0.5"], "unknown pruner"),
+                          (["--prune", "snapkv", "--prune-ratio", "1.5"], "ratio")]:
+        assert main(["encode", *args, "-o", out]) == 2, args
+        assert message in capsys.readouterr().err, args
+    assert not os.path.exists(out)
 
 
 GOLDEN_CALIBRATED = os.path.join(os.path.dirname(__file__), "golden", "v1_1_calibrated_fp16.skv")
