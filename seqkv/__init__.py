@@ -3,7 +3,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .codec import decode, encode, inspect  # noqa: E402
+from .codec import decode, encode, inspect, token_positions  # noqa: E402
 from .calibrate import calibrate  # noqa: E402
 from .profile import Profile, ProfileError, ProfileMismatchError  # noqa: E402
 from .errors import (  # noqa: E402
@@ -19,7 +19,7 @@ from .pruning import pruner  # noqa: E402
 from .store import PrefixStore  # noqa: E402
 
 __all__ = [
-    "encode", "decode", "inspect", "calibrate", "analyze", "Analysis", "Profile", "ProfileError", "ProfileMismatchError", "pruner", "PruneError", "AlreadyPrunedError", "PrefixStore", "evaluate_text", "EvalRow", "QualityProbe", "QualityReport", "PRESETS", "ModelLayout", "layout_from_model",
+    "encode", "decode", "inspect", "token_positions", "calibrate", "analyze", "Analysis", "Profile", "ProfileError", "ProfileMismatchError", "pruner", "PruneError", "AlreadyPrunedError", "PrefixStore", "evaluate_text", "EvalRow", "QualityProbe", "QualityReport", "PRESETS", "ModelLayout", "layout_from_model",
     "SeqKVError", "ConfigError", "EncodeError", "UnsupportedCacheError", "NonFiniteError", "DecodeError",
     "FormatError", "UnsupportedVersionError", "ChecksumError", "ModelMismatchError", "StorageError",
 ]

@@ -187,12 +187,17 @@ def cmd_decode(args) -> int:
     data = _read_bytes(args.input)
     cache = codec.decode(data, progress=True, profile=_load_profile(args.profile))
     info = codec.inspect(data)
-    _save_cache(cache, args.output, info["positions"]["start"], info["positions"]["next"], info["model"]["fingerprint"])
+    positions = None
+    if info["pruning"] is None and not info["positions"]["contiguous"]:
+        positions = codec.token_positions(data)  # start and next alone do not say them
+    _save_cache(cache, args.output, info["positions"]["start"], info["positions"]["next"], info["model"]["fingerprint"],
+                positions)
     return 0
 
 
-def _save_cache(cache, path: str, start: int, next_position: int, fingerprint: str) -> None:
-    """Write per-layer keys/values to a .safetensors file atomically (temporary name, then rename)."""
+def _save_cache(cache, path: str, start: int, next_position: int, fingerprint: str, positions=None) -> None:
+    """Write per-layer keys/values to a .safetensors file atomically (temporary name, then rename); with
+    ``positions`` (tokens not at start, start + 1, ...), also a ``positions`` tensor of every token's."""
     from safetensors.torch import save_file
 
     import torch
@@ -202,6 +207,8 @@ def _save_cache(cache, path: str, start: int, next_position: int, fingerprint: s
         tensors[f"layer.{i}.keys"] = layer.keys.contiguous()
         tensors[f"layer.{i}.values"] = layer.values.contiguous()
     meta = {"next_position": str(next_position), "start_position": str(start), "model_fingerprint": fingerprint}
+    if positions is not None:
+        tensors["positions"] = positions.to(torch.int64).contiguous()
     state = getattr(cache, "seqkv_pruned", None)
     if state is not None:
         # a pruned cache is not the tokens 0..n-1: slot j of head h of layer i holds the token at position

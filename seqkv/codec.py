@@ -542,6 +542,16 @@ def decode(data, *, device=None, dtype=None, model=None, layers=None, progress: 
     return build_cache(decoded, device=device, dtype=dtype)
 
 
+def token_positions(data) -> torch.Tensor:
+    """The RoPE position of every cached token (int64 [tokens]) of an unpruned container, as given to
+    ``encode(positions=...)``; ``inspect()`` only reports the first and the next one.  A pruned
+    container's positions differ per layer and head: ``decode(data).seqkv_pruned.kept``."""
+    parsed = _Parsed(data, max_decoded_bytes=1 << 62)
+    if parsed.pruning is not None:
+        raise ConfigError("a pruned container keeps positions per layer and head: read decode(data).seqkv_pruned.kept")
+    return parsed.positions.clone()
+
+
 def inspect(data) -> dict:
     """Header facts, sizes, ratio vs fp16 and bits/element, without decoding any tensor."""
     parsed = _Parsed(data, max_decoded_bytes=1 << 62)

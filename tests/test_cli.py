@@ -82,6 +82,20 @@ def test_decode_writes_the_kept_positions_of_a_pruned_cache(tmp_path):
     assert meta["source_tokens"] == str(state.source_tokens)
 
 
+def test_decode_writes_every_position_when_they_are_not_contiguous(tmp_path):
+    golden = os.path.join(os.path.dirname(__file__), "golden", "v1_0_lossless_bf16_positions.skv")
+    with open(golden, "rb") as f:
+        data = f.read()
+    assert not seqkv.inspect(data)["positions"]["contiguous"]
+    out = tmp_path / "p.safetensors"
+    assert main(["decode", golden, "-o", str(out)]) == 0
+    positions = load_file(str(out))["positions"]
+    assert positions.equal(seqkv.token_positions(data)) and len(positions) == seqkv.inspect(data)["tokens"]
+    assert int(positions[-1]) + 1 == seqkv.inspect(data)["positions"]["next"]
+    assert main(["decode", GOLDEN, "-o", str(out)]) == 0   # contiguous: start and next say it all
+    assert "positions" not in load_file(str(out))
+
+
 def test_prune_arguments_are_checked_before_the_model_loads(tmp_path, capsys):
     out = str(tmp_path / "x.skv")
     for args, message in [(["--prune-ratio", "0.5"], "need --prune NAME"),

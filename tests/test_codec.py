@@ -105,6 +105,17 @@ def test_positions_recorded_and_returned():
         seqkv.encode(cache, preset="lossless", positions=[1, 2])
 
 
+def test_token_positions_returns_what_encode_was_given():
+    model, cache = tiny_cache("llama", tokens=6)
+    given = [3, 5, 6, 10, 11, 40]
+    blob = seqkv.encode(cache, preset="balanced", model=model, positions=given)
+    assert seqkv.token_positions(blob).tolist() == given
+    assert seqkv.token_positions(seqkv.encode(cache, preset="lossless", positions=7)).tolist() == list(range(7, 13))
+    pruned = seqkv.encode(cache, preset="balanced", model=model, prune=seqkv.pruner("key_norm", ratio=0.5))
+    with pytest.raises(seqkv.ConfigError, match="seqkv_pruned.kept"):
+        seqkv.token_positions(pruned)
+
+
 def test_decode_device_dtype_and_single_layers():
     model, cache = tiny_cache("llama", tokens=12, layers=3)
     blob = seqkv.encode(cache, preset="lossless", model=model)
