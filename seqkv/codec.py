@@ -120,17 +120,21 @@ class _Pipeline:
         sections = self.read_symbols(payload, ctx, dtype_name, shape, keep_residuals=symbols_out is not None)
         if symbols_out is not None:
             symbols_out[(ctx.layer, ctx.kind)] = sections
-        sinks = sections.sinks.shape[1]
-        y = self.quantizer.dequantize(torch.from_numpy(sections.symbols), sections.side, ctx)
-        # every transform works token by token, so the inverse runs on the quantized tokens alone (the
-        # sinks are stored exact): no full-size buffer to fill first
-        body_ctx = ctx if not sinks or ctx.positions is None else replace(ctx, positions=ctx.positions[sinks:])
+        body = self.quantizer.dequantize(torch.from_numpy(sections.symbols), sections.side, ctx)
+        return self.restore(body, sections.sinks, ctx, dtype_name)
+
+    def restore(self, body: torch.Tensor, sinks: torch.Tensor, ctx: TensorContext, dtype_name: str) -> torch.Tensor:
+        """The tensor from its dequantized tokens after the sinks (transform domain, any layout) and the exact
+        sinks: the transforms inverted, the dtype restored, laid out [H, T, D] contiguously as caches are."""
+        count = sinks.shape[1]
+        # every transform works token by token, so the inverse runs on the quantized tokens alone: no
+        # full-size buffer to fill first
+        body_ctx = ctx if not count or ctx.positions is None else replace(ctx, positions=ctx.positions[count:])
         for t in reversed(self.transforms):
-            y = t.inverse(y, body_ctx)
-        # one pass converts the dtype and lays the result out [H, T, D] contiguously, as caches are
-        out = torch.empty((heads, tokens, dim), dtype=DTYPES_BY_NAME[dtype_name])
-        out[:, sinks:] = y
-        out[:, :sinks] = sections.sinks
+            body = t.inverse(body, body_ctx)
+        out = torch.empty((body.shape[0], count + body.shape[1], body.shape[2]), dtype=DTYPES_BY_NAME[dtype_name])
+        out[:, count:] = body  # one pass converts the dtype and the layout
+        out[:, :count] = sinks
         return out
 
     def read_symbols(self, payload, ctx: TensorContext, dtype_name: str, shape,

@@ -30,8 +30,12 @@ def component_steps(part, scale: float, heads: int, dim: int) -> torch.Tensor:
 
 def weighted_mse(z: torch.Tensor, recon: torch.Tensor, part) -> float:
     """Mean over elements of weight_c * (z - recon)^2 ([H, T, D], T > 0): what the profile's KL model reads."""
-    err = (z - recon).pow(2).mean(1)
-    return float((err * part.weights.reshape(err.shape)).mean())
+    return weighted_by_component((z - recon).pow(2).mean(1), part)
+
+
+def weighted_by_component(err: torch.Tensor, part) -> float:
+    """Mean over components of weight_c * err_c, ``err`` the per-component mean squared error ([H, D] or [H*D])."""
+    return float((err * part.weights.reshape(err.shape).to(err.dtype)).mean())
 
 
 def cross_layer_prediction(part, ctx: TensorContext, shape) -> torch.Tensor | None:
@@ -127,8 +131,8 @@ class KLTQuantizer(Stage):
         recon = from_columns(torch.from_numpy(recon), heads, dim)
         if tokens:
             # the weighted MSE this quantization causes: rate control's KL model reads it
-            ctx.extra.setdefault("weighted_mse", {})[(ctx.layer, ctx.kind)] = float(
-                (torch.from_numpy(sq_err) / tokens * part.weights.reshape(-1).double()).mean())
+            ctx.extra.setdefault("weighted_mse", {})[(ctx.layer, ctx.kind)] = weighted_by_component(
+                torch.from_numpy(sq_err) / tokens, part)
         remember_reconstruction(ctx, recon)
         # channel-major [H, T, D] view, the order the temporal predictor and the coder work in
         return q.reshape(heads, dim, tokens).transpose(0, 2, 1), bytes(side)

@@ -100,13 +100,7 @@ class _KLTResidual:
         parts = self.pipeline.read_symbols(payload, ctx, dtype_name, shape, quantizer_side=False)
         recon = z_b + torch.from_numpy(np.ascontiguousarray(parts.symbols)).to(torch.float32) * steps[:, None, :]
         remember_reconstruction(ctx, recon)
-        y = torch.zeros(shape)
-        y[:, sinks:] = recon
-        for t in reversed(self.pipeline.transforms):
-            y = t.inverse(y, ctx)
-        y = y.to(DTYPES_BY_NAME[dtype_name])
-        y[:, :sinks] = parts.sinks
-        return y
+        return self.pipeline.restore(recon, parts.sinks, ctx, dtype_name)
 
 
 def _bits(x: torch.Tensor, dtype_name: str) -> np.ndarray:
