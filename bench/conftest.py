@@ -28,10 +28,14 @@ def real_cache(real_model):
 
 @pytest.fixture(scope="session", autouse=True)
 def one_thread():
-    """Per-core figures: one intra-op thread, so the two cores' other load matters less."""
+    """Per-core figures: one intra-op thread for torch and for numpy's BLAS (the calibrated codec's matrix
+    products run there), so the two cores' other load matters less."""
+    from threadpoolctl import threadpool_limits
+
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
     torch.set_num_threads(before)
 
 

@@ -11,6 +11,11 @@ import numpy as np
 
 from .errors import FormatError
 
+try:  # compiled decoding of varint arrays; the numpy version below is the reference and the fallback
+    from seqkv_ext.varint import decode_uvarints as _ext_uvarints
+except ImportError:  # pragma: no cover - the extension is built by `pip install`
+    _ext_uvarints = None
+
 
 def write_uvarint(out: bytearray, value: int) -> None:
     """Append ``value`` (>= 0) as an unsigned LEB128 varint."""
@@ -96,9 +101,23 @@ class Reader:
         return result
 
     def uvarint_array(self, count: int, max_value: int = (1 << 63) - 1) -> np.ndarray:
-        """``count`` consecutive uvarints, decoded with numpy (int64)."""
+        """``count`` consecutive uvarints (int64), decoded by seqkv_ext.varint (numpy without the extension)."""
         if count == 0:
             return np.zeros(0, dtype=np.int64)
+        if _ext_uvarints is None:
+            values, used = self._uvarint_array_numpy(count)
+        else:
+            values, status, used = _ext_uvarints(self.buf, self.pos, self.end, count)
+            if status == 1:
+                raise FormatError(f"{self.what}: truncated varint array ({used} of {count} values)")
+            if status == 2:
+                raise FormatError(f"{self.what}: varint longer than 63 bits")
+        if int(values.max()) > max_value:
+            raise FormatError(f"{self.what}: value exceeds its bound {max_value}")
+        self.pos += used
+        return values
+
+    def _uvarint_array_numpy(self, count: int) -> tuple[np.ndarray, int]:
         window = np.frombuffer(self.buf, dtype=np.uint8, count=min(self.end - self.pos, 10 * count), offset=self.pos)
         ends = np.flatnonzero(window < 0x80)[:count]
         if len(ends) < count:
@@ -113,10 +132,7 @@ class Reader:
         shift = 7 * (np.arange(len(used)) - starts[group])
         values = np.zeros(count, dtype=np.int64)
         np.add.at(values, group, (used & 0x7F) << shift)
-        if int(values.max()) > max_value:
-            raise FormatError(f"{self.what}: value exceeds its bound {max_value}")
-        self.pos += len(used)
-        return values
+        return values, len(used)
 
     def svarint_array(self, count: int) -> np.ndarray:
         u = self.uvarint_array(count)

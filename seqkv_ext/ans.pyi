@@ -1,7 +1,7 @@
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["decode", "PRECISION", "MAX_TABLE_BITS", "MAX_ALPHABET"]
+__all__ = ["decode", "decode_rows", "PRECISION", "MAX_TABLE_BITS", "MAX_ALPHABET"]
 
 PRECISION: int
 MAX_TABLE_BITS: int
@@ -20,3 +20,11 @@ def _decode_with(
     shift: int,
     strategy: str,
 ) -> tuple[npt.NDArray[np.int32], bool]: ...
+def decode_rows(
+    words: npt.NDArray[np.uint32],
+    freqs: npt.ArrayLike,
+    shift: int,
+    out: npt.NDArray[np.int32],
+    rows: npt.NDArray[np.int64],
+    add: npt.NDArray[np.int64],
+) -> bool: ...

@@ -32,7 +32,7 @@ Every memory access is provably in range whatever the content of ``words``: the
 decoder never reads outside them and runs exactly ``count`` steps.
 """
 cimport cython
-from libc.stdint cimport int32_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 
@@ -40,7 +40,7 @@ import operator
 
 import numpy as np
 
-__all__ = ["decode", "PRECISION", "MAX_TABLE_BITS", "MAX_ALPHABET"]
+__all__ = ["decode", "decode_rows", "PRECISION", "MAX_TABLE_BITS", "MAX_ALPHABET"]
 
 PRECISION = 24           # constriction's default AnsCoder precision
 MAX_TABLE_BITS = 16      # the table entries pack freq and cdf into 16 bits each
@@ -444,3 +444,46 @@ cdef _decode(words, freqs, count, shift, int strategy):
     if rc != 0:
         raise ValueError("freqs changed while decoding (another thread?)")
     return out, bool(clean)
+
+
+@cython.boundscheck(False)  # i < n_rows == rows.shape[0] == add.shape[0], rows[i] checked, j < tokens
+@cython.wraparound(False)
+def decode_rows(words, freqs, shift, int32_t[:, ::1] out, const int64_t[::1] rows, const int64_t[::1] add):
+    """Decode ``len(rows) * out.shape[1]`` symbols straight into rows of ``out``:
+    ``out[rows[i], j] = symbol[i * T + j] + add[i]`` (T = out.shape[1]).  Returns ``clean`` as :func:`decode`.
+
+    One pass where decode, the alphabet offset, a per-row offset and the scatter into a
+    [rows, tokens] array took five.  Raises ValueError for invalid arguments, a row
+    outside ``out``, or a sum outside int32 (checked before anything is written).
+    """
+    cdef Py_ssize_t n_rows = rows.shape[0], tokens = out.shape[1], total_rows = out.shape[0]
+    cdef Py_ssize_t i, j, k
+    cdef int64_t lo_add, hi_add
+    if add.shape[0] != n_rows:
+        raise ValueError(f"{add.shape[0]} offsets for {n_rows} rows")
+    for i in range(n_rows):
+        if rows[i] < 0 or rows[i] >= total_rows:
+            raise ValueError(f"row {rows[i]} outside [0, {total_rows})")
+    symbols, clean = decode(words, freqs, n_rows * tokens, shift)
+    if n_rows == 0 or tokens == 0:
+        return clean
+    k = len(freqs)
+    lo_add, hi_add = add[0], add[0]
+    for i in range(n_rows):
+        lo_add = add[i] if add[i] < lo_add else lo_add
+        hi_add = add[i] if add[i] > hi_add else hi_add
+    # symbols lie in [0, k): every sum stays inside int32 iff the extreme offsets do
+    if lo_add < -(1 << 31) or hi_add + k - 1 >= (1 << 31):
+        raise ValueError("decoded values would overflow int32")
+    cdef const int32_t[::1] sv = symbols
+    cdef const int32_t* src
+    cdef int32_t* dst
+    cdef int32_t a
+    with nogil:
+        for i in range(n_rows):
+            src = &sv[i * tokens]
+            dst = &out[rows[i], 0]
+            a = <int32_t>add[i]
+            for j in range(tokens):
+                dst[j] = src[j] + a
+    return clean

@@ -23,22 +23,66 @@ def ar_undo(int32_t[:, ::1] columns, const uint8_t[::1] k):
 
     Raises ValueError when a symbol would leave int32 (only corrupted input does that).
     """
-    cdef Py_ssize_t rows = columns.shape[0], tokens = columns.shape[1], r, t
+    cdef Py_ssize_t rows = columns.shape[0], tokens = columns.shape[1], r, n = 0
     if k.shape[0] != rows:
         raise ValueError(f"k has {k.shape[0]} entries for {rows} rows")
-    cdef int64_t prev, kk
     for r in range(rows):
-        kk = k[r]
-        if kk == 0:
-            continue
-        if kk > 4:
-            raise ValueError(f"prediction coefficient {kk} out of range")
-        prev = 0
-        for t in range(tokens):
-            prev = columns[r, t] + _floor_div4(kk * prev + 2)
-            if prev > 2147483647 or prev < -2147483648:
-                raise ValueError("predicted symbols overflow int32")
-            columns[r, t] = <int32_t>prev
+        if k[r] > 4:
+            raise ValueError(f"prediction coefficient {k[r]} out of range")
+    if tokens == 0:
+        return
+    # the predicted rows, undone four at a time: each row is one long dependency chain, and four
+    # independent chains in one loop keep the core busy while each waits on its multiply
+    predicted_arr = np.flatnonzero(np.asarray(k)).astype(np.intp)
+    cdef const Py_ssize_t[::1] predicted = predicted_arr
+    cdef Py_ssize_t count = predicted.shape[0]
+    cdef int out_of_range = 0
+    with nogil:
+        while n + 4 <= count:
+            out_of_range |= _undo4(columns, k, predicted[n], predicted[n + 1], predicted[n + 2], predicted[n + 3],
+                                   tokens)
+            n += 4
+        while n < count:
+            out_of_range |= _undo1(&columns[predicted[n], 0], k[predicted[n]], tokens)
+            n += 1
+    if out_of_range:
+        raise ValueError("predicted symbols overflow int32")
+
+
+# floor((k * prev + 2) / 4) is an arithmetic right shift by 2 (int64: no overflow for int32 symbols, k <= 4)
+cdef inline int _undo1(int32_t* row, int64_t kk, Py_ssize_t tokens) noexcept nogil:
+    """One row in place; returns 1 when a symbol left int32 (the row is then garbage, and rejected)."""
+    cdef int64_t prev = 0, lo = 0, hi = 0
+    cdef Py_ssize_t t
+    for t in range(tokens):
+        prev = row[t] + ((kk * prev + 2) >> 2)
+        lo = prev if prev < lo else lo
+        hi = prev if prev > hi else hi
+        row[t] = <int32_t>prev
+    return lo < -2147483648 or hi > 2147483647
+
+
+cdef inline int _undo4(int32_t[:, ::1] columns, const uint8_t[::1] k, Py_ssize_t r0, Py_ssize_t r1,
+                       Py_ssize_t r2, Py_ssize_t r3, Py_ssize_t tokens) noexcept nogil:
+    cdef int32_t* a = &columns[r0, 0]
+    cdef int32_t* b = &columns[r1, 0]
+    cdef int32_t* c = &columns[r2, 0]
+    cdef int32_t* d = &columns[r3, 0]
+    cdef int64_t ka = k[r0], kb = k[r1], kc = k[r2], kd = k[r3]
+    cdef int64_t pa = 0, pb = 0, pc = 0, pd = 0, lo = 0, hi = 0
+    cdef Py_ssize_t t
+    for t in range(tokens):
+        pa = a[t] + ((ka * pa + 2) >> 2)
+        pb = b[t] + ((kb * pb + 2) >> 2)
+        pc = c[t] + ((kc * pc + 2) >> 2)
+        pd = d[t] + ((kd * pd + 2) >> 2)
+        a[t] = <int32_t>pa
+        b[t] = <int32_t>pb
+        c[t] = <int32_t>pc
+        d[t] = <int32_t>pd
+        lo = min(lo, min(min(pa, pb), min(pc, pd)))
+        hi = max(hi, max(max(pa, pb), max(pc, pd)))
+    return lo < -2147483648 or hi > 2147483647
 
 
 cdef double _entropy_bits(const int32_t* values, Py_ssize_t n, int64_t[::1] hist) except -1.0:

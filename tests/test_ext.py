@@ -560,3 +560,148 @@ def test_quantize_rows_strided_rows_and_edge_cases():
     pred = np.array([[2.0, 4.0, 6.0, 8.0], [0.0, 1.0, 2.0, 3.0]], np.float32)  # residuals: -z (a tie); all 1
     q, _, use, _ = quantize_rows(z, np.ones(2, np.float32), 0.5, pred)
     assert use.tolist() == [False, True] and q.tolist() == [[1, 2, 3, 4], [1, 1, 1, 1]]
+
+
+# -- the decoder's compiled passes: dequantize_rows, decode_rows, ar_undo, decode_uvarints -------------------
+@pytest.mark.parametrize("seed", range(4))
+def test_dequantize_rows_inverts_quantize_rows_bit_for_bit(seed):
+    """The decoder's reconstruction equals the encoder's, float for float, with and without prediction."""
+    from seqkv_ext.quantize import dequantize_rows, quantize_rows
+
+    rng = np.random.default_rng(seed)
+    rows, tokens = int(rng.integers(1, 40)), int(rng.integers(1, 300))
+    z = (rng.standard_normal((rows, tokens)) * rng.uniform(0.1, 20, (rows, 1))).astype(np.float32)
+    steps = rng.uniform(0.05, 3.0, rows).astype(np.float32)
+    noise = rng.standard_normal((rows, tokens)).astype(np.float32) * np.where(np.arange(rows) % 2, 0.1, 30)[:, None]
+    pred = (z + noise).astype(np.float32)
+    q, recon, _, _ = quantize_rows(z, steps, 0.5)
+    np.testing.assert_array_equal(dequantize_rows(q, steps), recon)
+    q, recon, use, _ = quantize_rows(z, steps, 0.5, pred)
+    assert use.any() and not use.all()
+    np.testing.assert_array_equal(dequantize_rows(q, steps, pred, use), recon)
+    # rows strided (a view), as the coder hands them over
+    wide = np.zeros((rows, tokens + 3), np.int32)
+    wide[:, 3:] = q
+    np.testing.assert_array_equal(dequantize_rows(wide[:, 3:], steps, pred, use), recon)
+    with pytest.raises(ValueError):
+        dequantize_rows(q, steps[:-1] if rows > 1 else np.zeros(2, np.float32))
+    with pytest.raises(ValueError):
+        dequantize_rows(q, steps, pred)  # prediction without its flags
+    with pytest.raises(ValueError):
+        dequantize_rows(wide[:, ::2], steps)
+
+
+@SETTINGS
+@given(st.integers(0, 2**32 - 1), st.integers(2, 300), st.integers(0, 9), st.integers(0, 70))
+def test_decode_rows_equals_decode_then_scatter(seed, k, n_rows, tokens):
+    rng = np.random.default_rng(seed)
+    freqs = make_freqs(rng, k, "skewed")
+    symbols = rng.choice(k, size=n_rows * tokens, p=freqs / freqs.sum()).astype(np.int32)
+    coder = constriction.stream.stack.AnsCoder()
+    coder.encode_reverse(symbols, constriction.stream.model.Categorical(freqs / freqs.sum(), perfect=True))
+    words = coder.get_compressed().astype(np.uint32)
+    total_rows = n_rows + 3
+    rows = rng.permutation(total_rows)[:n_rows].astype(np.int64)
+    add = rng.integers(-1000, 1000, n_rows).astype(np.int64)
+    out = np.full((total_rows, tokens), -7, np.int32)
+    assert ans.decode_rows(words, freqs, 8, out, rows, add)
+    want = np.full((total_rows, tokens), -7, np.int32)
+    want[rows] = symbols.reshape(n_rows, tokens) + add[:, None]
+    np.testing.assert_array_equal(out, want)
+    if n_rows and tokens:
+        # too few symbols: as clean (or not) as decode() of that count
+        short = ans.decode_rows(words, freqs, 8, out, rows[:-1], add[:-1])
+        assert short == ans.decode(words, freqs, (n_rows - 1) * tokens, 8)[1]
+        with pytest.raises(ValueError, match="outside"):
+            ans.decode_rows(words, freqs, 8, out, np.append(rows[:-1], total_rows), add)
+        with pytest.raises(ValueError, match="overflow"):
+            ans.decode_rows(words, freqs, 8, out, rows, np.full(n_rows, 2**31 - 1, np.int64))
+
+
+def _reference_ar_undo(res, k):
+    out = res.astype(np.int64).copy()
+    for r in range(len(out)):
+        prev = 0
+        for t in range(out.shape[1]):
+            if k[r]:
+                prev = int(out[r, t]) + (int(k[r]) * prev + 2) // 4
+                out[r, t] = prev
+    return out
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 9, 13])
+def test_ar_undo_matches_reference_for_every_row_grouping(rows):
+    """Rows are undone four at a time, then one by one: every grouping gives the reference."""
+    from seqkv_ext.predict import ar_undo
+
+    rng = np.random.default_rng(rows)
+    res = rng.integers(-50, 50, size=(rows, 257)).astype(np.int32)
+    k = rng.integers(0, 5, rows).astype(np.uint8)
+    back = res.copy()
+    ar_undo(back, k)
+    np.testing.assert_array_equal(back, _reference_ar_undo(res, k))
+    # a residual pushing any one row beyond int32 is caught, whichever group it falls in
+    for r in range(rows):
+        bad = res.copy()
+        bad[r, 100:] = 2**31 - 1
+        kk = k.copy()
+        kk[r] = 4
+        with pytest.raises(ValueError, match="overflow"):
+            ar_undo(bad, kk)
+
+
+@SETTINGS
+@given(st.lists(st.integers(0, 2**63 - 1), max_size=40), st.integers(0, 5))
+def test_decode_uvarints_matches_the_writer(values, junk):
+    from seqkv.wire import write_uvarint
+    from seqkv_ext.varint import decode_uvarints
+
+    buf = bytearray(b"\x81" * junk)  # bytes before the start are skipped
+    for v in values:
+        write_uvarint(buf, v)
+    got, status, used = decode_uvarints(bytes(buf), junk, len(buf), len(values))
+    assert status == 0 and used == len(buf) - junk and got.tolist() == values
+    if values:
+        got, status, done = decode_uvarints(bytes(buf), junk, len(buf) - 1, len(values))
+        assert status == 1 and done == len(values) - 1  # the last value runs past the end
+
+
+def test_decode_uvarints_rejects_overlong_values():
+    from seqkv_ext.varint import decode_uvarints
+
+    _, status, index = decode_uvarints(b"\x05" + b"\xff" * 9 + b"\x01", 0, 11, 2)
+    assert (status, index) == (2, 1)
+    with pytest.raises(ValueError):
+        decode_uvarints(b"\x05", 0, 2, 1)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1.3])
+@pytest.mark.parametrize("layout", ["heads", "token_rows"])
+def test_rotate_heads_equals_the_torch_rotation(monkeypatch, scale, layout):
+    """The compiled RoPE pass gives the torch code's floats exactly, from either decoder layout."""
+    import torch
+
+    from seqkv.stages import rope
+
+    rng = np.random.default_rng(3)
+    heads, tokens, dim = 3, 77, 64
+    if layout == "heads":
+        x = torch.from_numpy(rng.standard_normal((heads, tokens, dim)).astype(np.float32))
+    else:  # the inverse KLT's [T, H*D] rows seen as [H, T, D]
+        x = torch.from_numpy(rng.standard_normal((tokens, heads * dim)).astype(np.float32))
+        x = x.reshape(tokens, heads, dim).permute(1, 0, 2)
+    positions = torch.arange(5, 5 + tokens)
+    inv_freq = torch.from_numpy((10000.0 ** -(np.arange(0, dim, 2) / dim)).astype(np.float32))
+    fast = rope.apply_rope(x, positions, inv_freq, scale)
+    fast_back = rope.remove_rope(fast, positions, inv_freq, scale)
+    assert fast.is_contiguous()
+    monkeypatch.setattr(rope, "_ext_rope", None)  # now the torch code
+    assert torch.equal(fast, rope.apply_rope(x, positions, inv_freq, scale))
+    assert torch.equal(fast_back, rope.remove_rope(fast, positions, inv_freq, scale))
+    from seqkv_ext.rope import rotate_heads
+
+    cos, sin = rope._cos_sin(positions, inv_freq)
+    with pytest.raises(ValueError):
+        rotate_heads(x.numpy()[:, :, ::2], cos[:, :16].contiguous().numpy(), sin[:, :16].contiguous().numpy(), 1.0)
+    with pytest.raises(ValueError):
+        rotate_heads(x.numpy(), cos[:-1].contiguous().numpy(), sin[:-1].contiguous().numpy(), 1.0)

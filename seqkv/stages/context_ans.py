@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..ans_coding import MAX_ALPHABET, decode_symbols, encode_symbols, read_table, table_from_symbols, write_table
+from ..ans_coding import MAX_ALPHABET, decode_symbols, decode_symbols_into_rows, encode_symbols, read_table, table_from_symbols, write_table
 from ..bitpacking import pack_low_bits, unpack_low_bits
 from ..errors import ConfigError, FormatError
 from ..wire import Reader, write_uvarint, zigzag
@@ -96,10 +96,12 @@ class ContextANS(Stage):
                 raise FormatError(f"{reader.what}: decoded symbols would overflow int32")
             n_words = reader.uvarint(max_value=reader.remaining() // 4)
             words = reader.array("<u4", n_words)
+            if not shift:  # the usual case: decoded straight into place
+                decode_symbols_into_rows(words, table, columns, rows, offsets[rows])
+                continue
             symbols = decode_symbols(words, table, count).reshape(rows.size, tokens)
-            if shift:
-                low = unpack_low_bits(reader.bytes((count * shift + 7) // 8), shift, count)
-                symbols = (symbols.astype(np.int64) << shift | low.reshape(rows.size, tokens)).astype(np.int32)
+            low = unpack_low_bits(reader.bytes((count * shift + 7) // 8), shift, count)
+            symbols = (symbols.astype(np.int64) << shift | low.reshape(rows.size, tokens)).astype(np.int32)
             symbols += offsets[rows, None].astype(np.int32)
             columns[rows] = symbols
         # a transposed view: the caller's dequantization copies it into [H, T, D] order anyway

@@ -18,7 +18,7 @@ import torch
 from ..errors import ConfigError, FormatError, NonFiniteError
 from ..wire import Reader
 from .base import Stage, TensorContext, register
-from .klt import columns_of, from_columns, profile_part
+from .klt import columns_of, from_columns, matmul, profile_part
 
 MIN_SCALE, MAX_SCALE = 1e-6, 1e6
 
@@ -51,7 +51,7 @@ def cross_layer_prediction(part, ctx: TensorContext, shape) -> torch.Tensor | No
     if part.cross is None or link is None or link[0] != ctx.layer - 1:
         return None
     columns = _aligned_columns(link, _body_positions(ctx.positions, tokens), tokens)
-    return None if columns is None else from_columns(part.cross @ columns, heads, dim)
+    return None if columns is None else from_columns(matmul(part.cross, columns), heads, dim)
 
 
 def _body_positions(positions: torch.Tensor | None, tokens: int) -> torch.Tensor | None:
@@ -152,17 +152,22 @@ class KLTQuantizer(Stage):
         return scale, use
 
     def dequantize(self, q: torch.Tensor, side, ctx: TensorContext) -> torch.Tensor:
+        from seqkv_ext.quantize import dequantize_rows
+
         scale, use = side
         part = profile_part(ctx)
         heads, tokens, dim = q.shape
-        # channel-major, the coder's order (a view); elementwise exactly the encoder's q * steps + pred * use
-        recon = columns_of(q).to(torch.float32) * component_steps(part, scale, heads, dim).reshape(-1, 1)
+        steps = component_steps(part, scale, heads, dim).reshape(-1).contiguous()
+        pred = None
         if use is not None:
             pred = cross_layer_prediction(part, ctx, q.shape)
             if pred is None:
                 raise FormatError(f"layer {ctx.layer} {ctx.kind}: cross-layer prediction without layer "
                                   f"{ctx.layer - 1} decoded first")
-            recon = torch.addcmul(recon, columns_of(pred), use.reshape(-1, 1).to(torch.float32))
-        recon = from_columns(recon, heads, dim)
+            pred = columns_of(pred).numpy()
+            use = use.reshape(-1).numpy()
+        # channel-major, the coder's order; one compiled pass, elementwise exactly the encoder's q * steps + pred
+        recon = from_columns(torch.from_numpy(dequantize_rows(columns_of(q).numpy(), steps.numpy(), pred, use)),
+                             heads, dim)
         remember_reconstruction(ctx, recon)
         return recon

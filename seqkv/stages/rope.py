@@ -11,6 +11,10 @@ import hashlib
 
 import torch
 
+try:  # the compiled rotation; the torch code below is the reference and the fallback
+    from seqkv_ext import rope as _ext_rope
+except ImportError:  # pragma: no cover - the extension is built by `pip install`
+    _ext_rope = None
 
 _ANGLE_CACHE: dict = {}
 
@@ -32,6 +36,11 @@ def _cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor):
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, scale: float) -> torch.Tensor:
     """Rotate each channel pair (i, i + d/2) by the angle whose cos/sin are given, then scale."""
+    if (_ext_rope is not None and x.dim() == 3 and x.dtype == torch.float32 and x.device.type == "cpu"
+            and x.stride(2) == 1 and not x.requires_grad):
+        # one compiled pass, same floats; the output is [H, T, D] C-contiguous whatever x's layout
+        return torch.from_numpy(_ext_rope.rotate_heads(x.numpy(), cos.contiguous().numpy(),
+                                                       sin.contiguous().numpy(), scale))
     half = x.shape[-1] // 2
     lo, hi = x[..., :half], x[..., half:]
     out = torch.empty_like(x)
