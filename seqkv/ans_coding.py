@@ -5,7 +5,8 @@ given as integer frequencies that sum to ``2**TABLE_BITS`` (every entry >= 1).
 Because the table is exactly representable, constriction's ``Categorical``
 model with ``perfect=True`` reproduces it bit for bit, so the bytes written
 here are fully specified by docs/format.md ("ANS stream"), and the Cython
-decoder in ``seqkv_ext`` can decode them without constriction, much faster.
+decoder in ``seqkv_ext`` can decode them without constriction, much faster
+(``seqkv_ext.ans_encode`` writes the same words as constriction, also faster).
 
 Words are constriction's ``AnsCoder`` words: uint32, 24-bit precision,
 64-bit state; the table frequencies are scaled by ``2**(24 - TABLE_BITS)``.
@@ -29,6 +30,10 @@ try:  # the fast decoder; constriction is the reference and the fallback
     from seqkv_ext import ans as _ext_ans
 except ImportError:  # pragma: no cover - the extension is built by `pip install`
     _ext_ans = None
+try:  # the fast encoder, word for word equal to constriction's
+    from seqkv_ext import ans_encode as _ext_ans_encode
+except ImportError:  # pragma: no cover
+    _ext_ans_encode = None
 
 
 @dataclass(frozen=True)
@@ -105,11 +110,13 @@ def _model(table: FreqTable):
     )
 
 
-def encode_symbols(symbols: np.ndarray, table: FreqTable) -> np.ndarray:
+def encode_symbols(symbols: np.ndarray, table: FreqTable, *, use_ext: bool = True) -> np.ndarray:
     """ANS-encode ``symbols`` (all inside the table's alphabet); returns uint32 words."""
     idx = (np.asarray(symbols).ravel() - table.lo).astype(np.int32)
     if idx.size and (idx.min() < 0 or idx.max() >= table.size):
         raise ValueError("symbol outside the table's alphabet")
+    if use_ext and _ext_ans_encode is not None:
+        return _ext_ans_encode.encode(idx, table.freqs, CODER_PRECISION - TABLE_BITS)
     coder = constriction.stream.stack.AnsCoder()
     coder.encode_reverse(idx, _model(table))
     return coder.get_compressed().astype(np.uint32)

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 constriction = pytest.importorskip("constriction")
 ans = pytest.importorskip("seqkv_ext.ans")
-from seqkv_ext import bitpack  # noqa: E402
+from seqkv_ext import ans_encode, bitpack  # noqa: E402
 from seqkv_ext.crc32c import crc32c  # noqa: E402
 
 # SEQKV_EXT_EXAMPLES=5000 for a long soak; the default keeps this file at a few seconds
@@ -314,6 +314,128 @@ def test_ans_bad_inputs_raise_value_error(words, freqs, count, shift):
 def test_ans_unknown_strategy():
     with pytest.raises(ValueError):
         ans._decode_with(GOOD_WORDS, GOOD_FREQS, 1, 8, "magic")
+
+
+# --------------------------------------------------------------------------- ANS encoder
+
+
+@st.composite
+def encoder_cases(draw):
+    """A table (K in 2..4096, some shapes with many freq-1 entries) and symbols drawn from it."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    k = draw(st.one_of(st.integers(2, 40), st.integers(2, 4096)))
+    freqs = make_freqs(rng, k, draw(skews))
+    count = draw(st.one_of(st.sampled_from([0, 1, 2, 3]), st.integers(0, 5000), st.just(100_000)))
+    if draw(st.booleans()):  # symbols from the table's own distribution
+        symbols = rng.choice(k, size=count, p=freqs / freqs.sum())
+    else:  # uniform symbols: frequent use of the rare (freq 1) ones
+        symbols = rng.integers(0, k, size=count)
+    return freqs, symbols.astype(np.int32)
+
+
+@SETTINGS
+@given(encoder_cases())
+def test_ans_encoder_matches_constriction(case):
+    freqs, symbols = case
+    words = ans_encode.encode(symbols, freqs, 8)
+    assert words.dtype == np.uint32 and words.ndim == 1
+    assert np.array_equal(words, encode(symbols, freqs))
+    out, clean = ans.decode(words, freqs, len(symbols), 8)
+    assert clean and np.array_equal(out, symbols)
+
+
+def test_ans_encoder_known_vector_and_short_streams():
+    assert np.array_equal(ans_encode.encode(KNOWN_SYMBOLS, KNOWN_FREQS, 8), KNOWN_WORDS)
+    freqs = np.array([65535, 1], dtype=np.uint32)
+    for symbols in ([], [0], [0, 0, 0], [1], [0, 1], [1, 1], [1] * 7, [1, 0, 1, 1, 0, 1, 1, 1]):
+        symbols = np.array(symbols, dtype=np.int32)
+        words = ans_encode.encode(symbols, freqs, 8)
+        assert np.array_equal(words, encode(symbols, freqs)), symbols
+    assert ans_encode.encode(np.zeros(100, np.int32), freqs, 8).size == 0  # symbol 0 from state 0 is free
+
+
+def test_ans_encoder_renormalises_exactly_at_the_boundary():
+    """Symbols whose encoding meets a state with ``state >> 40 == f`` exactly (flush needed).
+
+    The decoder from a chosen state x yields the symbols that encode to x; a table
+    with freq[0] == 1 makes such decodes end at state 0 often (clean), and encoding
+    one more symbol s with f[s] == x >> 40 then sits on the renormalisation boundary,
+    which random inputs practically never hit (an off-by-one there changes the words).
+    """
+    rng = np.random.default_rng(7)
+    hits = 0
+    for k in (3, 20, 300):  # flat: decoding from x takes few symbols
+        freqs = make_freqs(rng, k, "flat").astype(np.int64)
+        freqs[1] += freqs[0] - 1
+        freqs[0] = 1
+        freqs = freqs.astype(np.uint32)
+        for s in rng.choice(np.arange(1, k), size=min(k - 1, 5), replace=False):
+            f = int(freqs[s]) << 8
+            for low in rng.integers(0, 1 << 40, size=20000, dtype=np.int64):
+                x = f << 40 | int(low)
+                words = np.array([x & 0xFFFFFFFF, x >> 32], dtype=np.uint32)
+                tail, clean = ans.decode(words, freqs, 3000, 8)
+                if clean:
+                    break
+            else:
+                pytest.fail(f"no clean decode found for k={k}, s={s}")
+            assert np.array_equal(encode(tail, freqs), words)  # tail encodes to state x
+            symbols = np.concatenate([[s], tail]).astype(np.int32)
+            expect = encode(symbols, freqs)
+            assert expect[0] == x & 0xFFFFFFFF  # constriction flushed x's low word first
+            assert np.array_equal(ans_encode.encode(symbols, freqs, 8), expect)
+            hits += 1
+    assert hits >= 10
+
+
+@pytest.mark.parametrize("table_bits", [1, 5, 12, 16])
+def test_ans_encoder_other_table_bits(table_bits):
+    rng = np.random.default_rng(table_bits)
+    for k in sorted({2, min(40, 1 << table_bits), min(700, 1 << table_bits)}):
+        cuts = np.sort(rng.choice(np.arange(1, 1 << table_bits), k - 1, replace=False))
+        freqs = np.diff(np.concatenate([[0], cuts, [1 << table_bits]])).astype(np.uint32)
+        symbols = rng.integers(0, k, size=3000).astype(np.int32)
+        words = ans_encode.encode(symbols, freqs, 24 - table_bits)
+        assert np.array_equal(words, encode(symbols, freqs, table_bits)), k
+
+
+def test_ans_encoder_does_not_modify_inputs_and_accepts_other_dtypes():
+    rng = np.random.default_rng(3)
+    freqs = make_freqs(rng, 50, "skewed")
+    symbols = rng.integers(0, 50, size=1000).astype(np.int32)
+    f0, s0 = freqs.copy(), symbols.copy()
+    words = ans_encode.encode(symbols, freqs, 8)
+    assert np.array_equal(freqs, f0) and np.array_equal(symbols, s0)
+    assert np.array_equal(ans_encode.encode(symbols.astype(np.int64), freqs.astype(np.int64), 8), words)
+    assert np.array_equal(ans_encode.encode(symbols[::-1].copy()[::-1], freqs, 8), words)
+    assert np.array_equal(ans_encode.encode(symbols.tolist(), freqs.tolist(), 8), words)
+
+
+GOOD_FREQS = np.array([65535, 1], dtype=np.uint32)
+
+
+@pytest.mark.parametrize(
+    "symbols, freqs, shift",
+    [
+        ([0, 2], GOOD_FREQS, 8),  # symbol out of range
+        ([0, -1], GOOD_FREQS, 8),
+        ([2**40], GOOD_FREQS, 8),
+        (np.zeros((2, 2), np.int32), GOOD_FREQS, 8),
+        ([0.5], GOOD_FREQS, 8),
+        ([0], [65536], 8),  # one symbol
+        ([0], [65535, 0, 1], 8),  # zero freq
+        ([0], [65535, 2], 8),  # bad sum
+        ([0], [65535.0, 1.0], 8),
+        ([0], [-1, 65537], 8),
+        ([0], np.ones((2, 2), np.uint32), 8),
+        ([0], GOOD_FREQS, 7),
+        ([0], GOOD_FREQS, 24),
+        ([0], GOOD_FREQS, "8"),
+    ],
+)
+def test_ans_encoder_bad_inputs_raise_value_error(symbols, freqs, shift):
+    with pytest.raises(ValueError):
+        ans_encode.encode(symbols, freqs, shift)
 
 
 # --------------------------------------------------------------------------- CRC-32C
