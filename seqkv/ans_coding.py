@@ -112,9 +112,27 @@ def _model(table: FreqTable):
 
 def encode_symbols(symbols: np.ndarray, table: FreqTable, *, use_ext: bool = True) -> np.ndarray:
     """ANS-encode ``symbols`` (all inside the table's alphabet); returns uint32 words."""
-    idx = (np.asarray(symbols).ravel() - table.lo).astype(np.int32)
+    idx = np.asarray(symbols).ravel().astype(np.int64) - table.lo  # checked before narrowing: no wrap-around
     if idx.size and (idx.min() < 0 or idx.max() >= table.size):
         raise ValueError("symbol outside the table's alphabet")
+    return _encode_indices(idx.astype(np.int32), table, use_ext)
+
+
+def table_and_words(symbols: np.ndarray) -> tuple[FreqTable, np.ndarray]:
+    """The table of ``symbols``' own histogram and their ANS words: :func:`table_from_symbols` then
+    :func:`encode_symbols`, with one pass over the symbols fewer (the encoder's usual pair)."""
+    symbols = np.asarray(symbols).ravel()
+    if symbols.size == 0:
+        table = table_from_symbols(symbols)
+        return table, encode_symbols(symbols, table)
+    lo = int(symbols.min())
+    idx = symbols.astype(np.int64, copy=False) - lo
+    table = table_from_counts(lo, np.bincount(idx))  # raises for an alphabet too large for a table
+    return table, _encode_indices(idx.astype(np.int32), table, True)
+
+
+def _encode_indices(idx: np.ndarray, table: FreqTable, use_ext: bool) -> np.ndarray:
+    """int32 alphabet indices, all in [0, K) -> the ANS words."""
     if use_ext and _ext_ans_encode is not None:
         return _ext_ans_encode.encode(idx, table.freqs, CODER_PRECISION - TABLE_BITS)
     coder = constriction.stream.stack.AnsCoder()

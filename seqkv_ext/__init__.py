@@ -6,7 +6,10 @@
 * :mod:`seqkv_ext.crc32c` - CRC-32C (Castagnoli), slicing-by-8;
 * :mod:`seqkv_ext.bitpack` - dense LSB-first packing of the low bits of integers;
 * :mod:`seqkv_ext.trie` - ``TokenTrie``, a compact counting token trie with a
-  PPM-style next-token distribution and a checksummed binary format.
+  PPM-style next-token distribution and a checksummed binary format;
+* :mod:`seqkv_ext.predict`, :mod:`seqkv_ext.quantize`, :mod:`seqkv_ext.rope`,
+  :mod:`seqkv_ext.varint` - the codec's per-element loops (temporal prediction, the
+  calibrated quantizer both ways, RoPE into the cache layout, varint arrays).
 
 This package does not depend on ``seqkv``; ``seqkv`` falls back to pure Python /
 constriction when it is not built.

@@ -7,15 +7,10 @@ Row r is coded as ``res[r, t] = q[r, t] - (k[r] * q[r, t-1] + 2) // 4`` (floor d
 import numpy as np
 cimport numpy as cnp
 from libc.stdint cimport int32_t, int64_t, uint8_t
+from libc.string cimport memcpy
 from .entropy cimport range_entropy_bits
 
 cnp.import_array()
-
-
-cdef inline int64_t _floor_div4(int64_t num):
-    if num >= 0:
-        return num // 4
-    return -((-num + 3) // 4)
 
 
 def ar_undo(int32_t[:, ::1] columns, const uint8_t[::1] k):
@@ -85,17 +80,15 @@ cdef inline int _undo4(int32_t[:, ::1] columns, const uint8_t[::1] k, Py_ssize_t
     return lo < -2147483648 or hi > 2147483647
 
 
-cdef double _entropy_bits(const int32_t* values, Py_ssize_t n, int64_t[::1] hist) except -1.0:
+cdef double _entropy_bits(const int32_t* values, Py_ssize_t n, int64_t* hist, Py_ssize_t hist_size) noexcept nogil:
     """Plug-in entropy (total bits) of n ints; -2 when their range exceeds the histogram."""
     cdef Py_ssize_t t
     cdef int32_t lo = values[0], hi = values[0]
     cdef double bits
     for t in range(1, n):
-        if values[t] < lo:
-            lo = values[t]
-        elif values[t] > hi:
-            hi = values[t]
-    bits = range_entropy_bits(values, n, lo, hi, &hist[0], hist.shape[0])
+        lo = values[t] if values[t] < lo else lo
+        hi = values[t] if values[t] > hi else hi
+    bits = range_entropy_bits(values, n, lo, hi, hist, hist_size)
     return -2.0 if bits < 0 else bits
 
 
@@ -106,45 +99,71 @@ def ar_encode(const int32_t[:, ::1] columns, Py_ssize_t max_range=1 << 16):
     predicted only when its residuals' plug-in entropy is below the symbols' own.
     Returns (residuals int32 [rows, T], k uint8 [rows], bits saved (estimate, float)).
     """
-    cdef Py_ssize_t rows = columns.shape[0], tokens = columns.shape[1], r, t
-    res_arr = np.empty((rows, tokens), dtype=np.int32)
+    cdef Py_ssize_t rows = columns.shape[0], tokens = columns.shape[1], r
+    res_arr = np.array(columns, dtype=np.int32, copy=True)  # rows left unpredicted stay as they are
     k_arr = np.zeros(rows, dtype=np.uint8)
+    if tokens < 2:
+        return res_arr, k_arr, 0.0
     cdef int32_t[:, ::1] res = res_arr
     cdef uint8_t[::1] k = k_arr
     cdef int64_t[::1] hist = np.empty(max_range, dtype=np.int64)
-    cdef double sxx, sxy, rho, bits0, bits1, saved = 0.0
-    cdef int64_t kk, pred
-    for r in range(rows):
-        res[r, :] = columns[r, :]
-        if tokens < 2:
-            continue
-        sxx = 0.0
-        sxy = 0.0
-        for t in range(1, tokens):
-            sxx += <double>columns[r, t - 1] * columns[r, t - 1]
-            sxy += <double>columns[r, t - 1] * columns[r, t]
-        if sxx <= 0:
-            continue
-        rho = sxy / sxx
-        kk = <int64_t>(4 * rho + 0.5) if rho > 0 else 0
-        if kk > 4:
-            kk = 4
-        if kk == 0:
-            continue
-        for t in range(1, tokens):
-            pred = _floor_div4(kk * columns[r, t - 1] + 2)
-            if columns[r, t] - pred > 2147483647 or columns[r, t] - pred < -2147483648:
-                kk = 0
-                break
-            res[r, t] = <int32_t>(columns[r, t] - pred)
-        if kk == 0:
-            res[r, :] = columns[r, :]
-            continue
-        bits0 = _entropy_bits(&columns[r, 0], tokens, hist)
-        bits1 = _entropy_bits(&res[r, 0], tokens, hist)
-        if bits0 < 0 or bits1 < 0 or bits1 >= bits0:
-            res[r, :] = columns[r, :]
-            continue
-        k[r] = <uint8_t>kk
-        saved += bits0 - bits1
+    cdef double rho, bits0, bits1, saved = 0.0
+    cdef int64_t kk
+    with nogil:
+        for r in range(rows):
+            rho = _lag1_coefficient(&columns[r, 0], tokens)
+            kk = <int64_t>(4 * rho + 0.5) if rho > 0 else 0
+            if kk > 4:
+                kk = 4
+            if kk == 0:
+                continue
+            if _residuals(&columns[r, 0], &res[r, 0], tokens, kk):
+                memcpy(&res[r, 0], &columns[r, 0], tokens * sizeof(int32_t))  # beyond int32: code it plainly
+                continue
+            bits0 = _entropy_bits(&columns[r, 0], tokens, &hist[0], hist.shape[0])
+            bits1 = _entropy_bits(&res[r, 0], tokens, &hist[0], hist.shape[0])
+            if bits0 < 0 or bits1 < 0 or bits1 >= bits0:
+                memcpy(&res[r, 0], &columns[r, 0], tokens * sizeof(int32_t))
+                continue
+            k[r] = <uint8_t>kk
+            saved += bits0 - bits1
     return res_arr, k_arr, saved
+
+
+cdef double _lag1_coefficient(const int32_t* x, Py_ssize_t n) noexcept nogil:
+    """sum(x[t-1] * x[t]) / sum(x[t-1]**2) over t >= 1 (0 when the denominator is 0), summed in float64 in
+    order.  When every partial sum is an integer below 2**53 that float64 sum is exact, and the int64 sum
+    (independent additions, no rounding chain) gives the same value much faster."""
+    cdef Py_ssize_t t
+    cdef int64_t peak = 0, a, ixx = 0, ixy = 0
+    cdef double sxx = 0.0, sxy = 0.0
+    for t in range(n):
+        a = x[t]
+        a = -a if a < 0 else a
+        peak = a if a > peak else peak
+    if peak < (1 << 26) and <double>peak * peak * n < 9007199254740992.0:   # 2**53
+        for t in range(1, n):
+            ixx += <int64_t>x[t - 1] * x[t - 1]
+            ixy += <int64_t>x[t - 1] * x[t]
+        sxx = <double>ixx
+        sxy = <double>ixy
+    else:
+        for t in range(1, n):
+            sxx += <double>x[t - 1] * x[t - 1]
+            sxy += <double>x[t - 1] * x[t]
+    if sxx <= 0:
+        return 0.0
+    return sxy / sxx
+
+
+cdef int _residuals(const int32_t* x, int32_t* out, Py_ssize_t n, int64_t kk) noexcept nogil:
+    """out[t] = x[t] - floor((kk * x[t-1] + 2) / 4) for t >= 1 (out[0] = x[0]); 1 when one leaves int32."""
+    cdef Py_ssize_t t
+    cdef int64_t v, lo = 0, hi = 0
+    out[0] = x[0]
+    for t in range(1, n):
+        v = x[t] - ((kk * x[t - 1] + 2) >> 2)   # an arithmetic shift is the floor division by 4
+        lo = v if v < lo else lo
+        hi = v if v > hi else hi
+        out[t] = <int32_t>v
+    return lo < -2147483648 or hi > 2147483647

@@ -827,3 +827,42 @@ def test_rotate_heads_equals_the_torch_rotation(monkeypatch, scale, layout):
         rotate_heads(x.numpy()[:, :, ::2], cos[:, :16].contiguous().numpy(), sin[:, :16].contiguous().numpy(), 1.0)
     with pytest.raises(ValueError):
         rotate_heads(x.numpy(), cos[:-1].contiguous().numpy(), sin[:-1].contiguous().numpy(), 1.0)
+
+
+def _reference_ar_encode_k(columns):
+    """The lag-1 coefficient choice as first written: float64 sums in token order, k = round(4 rho) in 0..4."""
+    ks = []
+    for row in columns.astype(np.int64):
+        sxx = sxy = 0.0
+        for a, b in zip(row[:-1].tolist(), row[1:].tolist()):
+            sxx += float(a) * float(a)
+            sxy += float(a) * float(b)
+        rho = sxy / sxx if sxx > 0 else 0.0
+        ks.append(min(4, int(4 * rho + 0.5)) if rho > 0 else 0)
+    return np.array(ks)
+
+
+# small values take the exact int64 sums; values near 2**27 the float64 fallback (their squares are not exact:
+# such rows' first residual is the value itself, beyond the entropy histogram, so they are never predicted)
+@pytest.mark.parametrize("magnitude,level", [(3, 0), (2**12, 0), (3, 2**27 + 12345)])
+def test_ar_encode_coefficients_match_the_float_reference(magnitude, level):
+    from seqkv_ext.predict import ar_encode, ar_undo
+
+    rng = np.random.default_rng(magnitude + level)
+    steps = rng.integers(-magnitude, magnitude + 1, size=(24, 300))
+    walks = np.zeros_like(steps)  # AR(1) rows with coefficients 0.3 .. 1: every k from 1 to 4 occurs
+    phi = np.linspace(0.3, 1.0, len(steps))
+    for t in range(1, steps.shape[1]):
+        walks[:, t] = np.round(phi * walks[:, t - 1]) + steps[:, t]
+    rows = (np.concatenate([walks, steps]) + level).clip(-2**30, 2**30).astype(np.int32)
+    res, k, _ = ar_encode(np.ascontiguousarray(rows))
+    want_k = _reference_ar_encode_k(rows)
+    # a row keeps its coefficient only when prediction lowers its entropy: where kept, it is the reference's
+    kept = k > 0
+    assert kept.any() == (level == 0)
+    if level == 0:
+        assert set(k[kept].tolist()) >= {2, 3, 4}
+    np.testing.assert_array_equal(k[kept], want_k[kept])
+    back = res.copy()
+    ar_undo(back, k)
+    np.testing.assert_array_equal(back, rows)

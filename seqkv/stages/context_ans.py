@@ -14,11 +14,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..ans_coding import MAX_ALPHABET, decode_symbols, decode_symbols_into_rows, encode_symbols, read_table, table_from_symbols, write_table
+from ..ans_coding import (
+    MAX_ALPHABET, decode_symbols, decode_symbols_into_rows, read_table, table_and_words, write_table,
+)
 from ..bitpacking import pack_low_bits, unpack_low_bits
 from ..errors import ConfigError, FormatError
 from ..wire import Reader, write_uvarint, zigzag
 from .base import Stage, register
+
+try:  # the encoder's per-channel pass; numpy below is the reference and the fallback
+    from seqkv_ext import channels as _ext_channels
+except ImportError:  # pragma: no cover - the extension is built by `pip install`
+    _ext_channels = None
 
 MAX_CLASSES = 64
 
@@ -44,18 +51,28 @@ class ContextANS(Stage):
         if not 1 <= self.classes_per_octave <= 8:
             raise ConfigError(f"context_ans: classes_per_octave must be in [1, 8], got {self.classes_per_octave}")
 
-    def channel_classes(self, columns: np.ndarray) -> np.ndarray:
-        spread = columns.astype(np.float64).std(axis=1) if columns.shape[1] else np.zeros(len(columns))
+    def channel_classes(self, spread: np.ndarray) -> np.ndarray:
+        """Each channel's context class from the spread (standard deviation) of its centred symbols."""
         cls = np.floor(self.classes_per_octave * np.log2(1.0 + spread))
         return np.clip(cls, 0, MAX_CLASSES - 1).astype(np.uint8)
 
-    def encode(self, q: np.ndarray) -> bytes:
-        """q: int32 [H, T, D] -> bytes."""
+    @staticmethod
+    def centred_channels(q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """q [H, T, D] -> (symbols int64 [H*D, T] centred on each channel's rounded mean, the offsets, the spreads)."""
         heads, tokens, dim = q.shape
-        columns = np.ascontiguousarray(q.transpose(0, 2, 1)).reshape(heads * dim, tokens).astype(np.int64)
+        rows = q.transpose(0, 2, 1).reshape(heads * dim, tokens)
+        if _ext_channels is not None and rows.dtype == np.int32 and tokens < 1 << 22:
+            return _ext_channels.center_rows(rows)  # one compiled pass per channel
+        columns = rows.astype(np.int64)
         offsets = np.round(columns.mean(axis=1)).astype(np.int64) if tokens else np.zeros(heads * dim, np.int64)
         columns -= offsets[:, None]
-        classes = self.channel_classes(columns)
+        spread = columns.astype(np.float64).std(axis=1) if tokens else np.zeros(heads * dim)
+        return columns, offsets, spread
+
+    def encode(self, q: np.ndarray) -> bytes:
+        """q: int32 [H, T, D] -> bytes."""
+        columns, offsets, spread = self.centred_channels(q)
+        classes = self.channel_classes(spread)
         out = bytearray()
         for off in offsets.tolist():
             write_uvarint(out, zigzag(off))
@@ -63,9 +80,7 @@ class ContextANS(Stage):
         for c in np.unique(classes).tolist():
             symbols = columns[classes == c].ravel()
             shift = _shift_for(symbols)
-            high = symbols >> shift
-            table = table_from_symbols(high)
-            words = encode_symbols(high, table)
+            table, words = table_and_words(symbols >> shift if shift else symbols)
             out.append(shift)
             write_table(out, table)
             write_uvarint(out, len(words))
