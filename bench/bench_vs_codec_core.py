@@ -152,7 +152,10 @@ def _table(runs: dict[str, list[dict]], raw_bytes: int) -> str:
     core = runs["codec core: balanced"]
     core_enc = statistics.median(r["encode_s"] for r in core)
     core_dec = statistics.median(r["decode_s"] for r in core)
-    lines = [f"Bench cache: {raw_bytes / 1e6:.1f} MB of fp16 KV; one thread; medians over "
+    lines = ["# Throughput against the codec core's own code, same run", "",
+             "Written by `python bench/bench_vs_codec_core.py --profile build/smollm2.profile.safetensors "
+             "--out docs/bench_vs_core.md` (see its docstring; docs/bench.md has the per-preset table).", "",
+             f"Bench cache: {raw_bytes / 1e6:.1f} MB of fp16 KV; one thread; medians over "
              f"{len(core)} alternating rounds. Codec core = commit {CODEC_CORE}, built and run in this run.", "",
              "| code: configuration | ratio vs fp16 | encode MB/s | decode MB/s | encode speed vs codec core | "
              "decode speed vs codec core |", "|---|---|---|---|---|---|"]
