@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import defaultdict
 from statistics import mean
@@ -106,7 +107,7 @@ def write_report(json_path: str, out_dir: str) -> str:
     if png:
         lines += ["", f"![rate-distortion]({os.path.basename(png)})", ""]
     lines += _preregistered(out_dir)
-    lines += _calibrated_section(out_dir)
+    lines += _calibrated_section(out_dir, per_head=by)
     lines += _calibrated_section(out_dir, "pruning_calibrated_heldout.json", "## 5. The same on the held-out texts",
                                  HELDOUT_CALIBRATED_CAVEAT, HELDOUT_CALIBRATED_READING)
     md = os.path.join(out_dir, "pruning.md")
@@ -188,12 +189,19 @@ def _preregistered(out_dir):
     return lines
 
 
+def _interpolated_kl(a, b, n_bytes):
+    """Mean KL between two points a, b (bytes a <= n_bytes <= bytes b), linear in log KL vs log bytes."""
+    if a is b or a["bytes"] == b["bytes"]:
+        return a["mean_kl"]
+    w = (math.log(n_bytes) - math.log(a["bytes"])) / (math.log(b["bytes"]) - math.log(a["bytes"]))
+    return math.exp((1 - w) * math.log(a["mean_kl"]) + w * math.log(b["mean_kl"]))
+
+
 def _frontier(rows, texts, base="quant", combined=("prune+quant", "prune+lossless"), knob="step"):
     """For each text: does any combined point beat the ``base`` kind alone (lower KL at no more bytes)?"""
     name = {"quant": "quantization"}.get(base, base)
     out = [f"**Does combining win?** For each combined point, the {name}-alone KL at the same bytes "
            f"(log-linear interpolation between the two nearest `{knob}` points):", ""]
-    import math
 
     n_wins = n_points = 0
     for t in texts:
@@ -204,12 +212,7 @@ def _frontier(rows, texts, base="quant", combined=("prune+quant", "prune+lossles
             hi = [p for p in q if p["bytes"] >= r["bytes"]]
             if not lo or not hi:
                 continue
-            a, b = lo[-1], hi[0]
-            if a is b:
-                kl = a["mean_kl"]
-            else:
-                w = (math.log(r["bytes"]) - math.log(a["bytes"])) / (math.log(b["bytes"]) - math.log(a["bytes"]))
-                kl = math.exp((1 - w) * math.log(a["mean_kl"]) + w * math.log(b["mean_kl"]))
+            kl = _interpolated_kl(lo[-1], hi[0], r["bytes"])
             point = (f"{r['method']} ratio {r['prune_ratio']} {knob} {r.get(knob, 'lossless')} "
                      f"({r['ratio']:.1f}x: KL {r['mean_kl']:.4f} vs {kl:.4f})")
             (wins if r["mean_kl"] < kl else losses).append(point)
@@ -228,10 +231,7 @@ def _frontier(rows, texts, base="quant", combined=("prune+quant", "prune+lossles
 
 CALIBRATED_CAVEAT = (
     "Caveats: these are the three development texts, on which the ensemble was picked (§1; §3 is its held-out "
-    "check for pruning alone, §5 the held-out check of this section); the calibrated points are 1.5–2.3x apart "
-    "in bytes, so the interpolated KL is coarse, but the margins at ratio 0.5 (2–4x lower KL) are far larger "
-    "than that.  At the same prune ratio the layer-uniform ensemble loses little against the per-head one of §1 "
-    "(mean KL at 0.5: 0.0042 vs 0.0041; at 0.75: 0.0214 vs 0.0203).")
+    "check for pruning alone, §5 the held-out check of this section).")
 HELDOUT_CALIBRATED_CAVEAT = (
     "The same measurement on the four held-out texts of §3 (bench/texts_heldout/), run once after §4 with "
     "nothing changed.")
@@ -248,9 +248,44 @@ HELDOUT_CALIBRATED_READING = (
     "(`seqkv.pruning.smallest_within(..., profile=...)`).")
 
 
+def _interpolation_caveat(rows, texts) -> str:
+    """How far apart the calibrated-alone points are in bytes, against the combined points' margins at
+    prune ratio 0.5 (the interpolated KL of the codec alone / the combined KL), from the data."""
+    gaps, margins = [], []
+    for t in texts:
+        q = sorted([r for r in rows if r["text"] == t and r["kind"] == "calibrated"], key=lambda r: r["bytes"])
+        gaps += [b["bytes"] / a["bytes"] for a, b in zip(q, q[1:])]
+        for r in (r for r in rows if r["text"] == t and r["kind"] == "prune+calibrated" and r["prune_ratio"] == 0.5):
+            lo = [p for p in q if p["bytes"] <= r["bytes"]]
+            hi = [p for p in q if p["bytes"] >= r["bytes"]]
+            if lo and hi and r["mean_kl"] > 0:
+                margins.append(_interpolated_kl(lo[-1], hi[0], r["bytes"]) / r["mean_kl"])
+    if not gaps or not margins:
+        return ""
+    return (f"  The calibrated-alone points are {min(gaps):.1f}–{max(gaps):.1f}x apart in bytes, so the interpolated "
+            f"KL is coarse; at prune ratio 0.5 the codec alone's interpolated KL is {min(margins):.1f}–"
+            f"{max(margins):.1f}x the combined point's.")
+
+
+def _layer_vs_per_head(layer_rows, per_head, texts, layer_method) -> str:
+    """The sentence comparing layer-uniform pruning with the same pruner per head (§1), from the data."""
+    head_method = layer_method.removesuffix(", layer")
+    parts = []
+    for ratio in sorted({r["prune_ratio"] for r in layer_rows if r["method"] == layer_method}):
+        layer = [r["mean_kl"] for r in layer_rows if r["method"] == layer_method and r["prune_ratio"] == ratio]
+        heads = [per_head.get((head_method, ratio, t)) for t in texts]
+        if len(layer) == len(texts) and all(heads):
+            parts.append(f"at {ratio}: {_fmt(mean(layer))} vs {_fmt(mean(h['mean_kl'] for h in heads))}")
+    if not parts:
+        return ""
+    return (f"  At the same prune ratio, mean KL of {layer_method} vs {head_method} per head (§1): "
+            + "; ".join(parts) + ".")
+
+
 def _calibrated_section(out_dir, name="pruning_calibrated.json", title="## 4. Pruning + the calibrated codec, "
-                        "at matched bytes", caveat=CALIBRATED_CAVEAT, reading=None):
-    """§4 / §5: layer-uniform pruning + the calibrated codec vs the calibrated codec alone."""
+                        "at matched bytes", caveat=CALIBRATED_CAVEAT, reading=None, per_head=None):
+    """§4 / §5: layer-uniform pruning + the calibrated codec vs the calibrated codec alone.  ``per_head``: §1's
+    pruning-alone rows by (method, ratio, text), to compare the layer-uniform pruner with its per-head form."""
     path = os.path.join(out_dir, name)
     if not os.path.exists(path):
         return []
@@ -259,6 +294,10 @@ def _calibrated_section(out_dir, name="pruning_calibrated.json", title="## 4. Pr
     meta, rows = data["meta"], data["rows"]
     texts = meta["texts"]
     prof = meta["profile"]
+    caveat += _interpolation_caveat(rows, texts)
+    if per_head:
+        caveat += _layer_vs_per_head([r for r in rows if r["kind"] == "prune"], per_head, texts,
+                                     meta["calibrated_pruner"])
     lines = ["", title, "", caveat, "",
              f"Calibrated codec: `seqkv.encode(cache, profile=..., target_kl=t)` with the profile "
              f"`{prof['path']}` ({prof['bytes']} bytes, sha256 {prof['sha256'][:12]}…, shared by every cache of the "
