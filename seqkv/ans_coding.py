@@ -157,9 +157,13 @@ def decode_symbols(words: np.ndarray, table: FreqTable, count: int, *, use_ext: 
         except Exception as exc:  # constriction reports exhausted/invalid streams as generic errors
             raise FormatError(f"ANS stream is invalid: {exc}") from None
         clean = coder.is_empty()
+    _check_clean(clean)
+    return idx.astype(np.int32) + np.int32(table.lo)
+
+
+def _check_clean(clean: bool) -> None:
     if not clean:
         raise FormatError("ANS stream did not end cleanly (corrupted or mismatched data)")
-    return idx.astype(np.int32) + np.int32(table.lo)
 
 
 def decode_symbols_into_rows(words: np.ndarray, table: FreqTable, out: np.ndarray, rows: np.ndarray,
@@ -167,12 +171,11 @@ def decode_symbols_into_rows(words: np.ndarray, table: FreqTable, out: np.ndarra
     """Decode ``len(rows) * out.shape[1]`` symbols into ``out[rows[i]]`` (int32 [N, T], C-contiguous),
     adding ``offsets[i]`` to row ``i``: :func:`decode_symbols`, its checks, and the scatter in one pass.
     The caller has checked that the sums fit in int32."""
-    add = offsets.astype(np.int64) + table.lo
     if _ext_ans is None:
         symbols = decode_symbols(words, table, rows.size * out.shape[1]).reshape(rows.size, out.shape[1])
-        out[rows] = symbols + (add - table.lo)[:, None].astype(np.int32)
+        out[rows] = symbols + offsets[:, None].astype(np.int32)
         return
-    clean = _ext_ans.decode_rows(np.ascontiguousarray(words, dtype=np.uint32), table.freqs,
-                                 CODER_PRECISION - TABLE_BITS, out, rows.astype(np.int64, copy=False), add)
-    if not clean:
-        raise FormatError("ANS stream did not end cleanly (corrupted or mismatched data)")
+    # the extension adds the alphabet's start and the row's offset in one
+    _check_clean(_ext_ans.decode_rows(np.ascontiguousarray(words, dtype=np.uint32), table.freqs,
+                                      CODER_PRECISION - TABLE_BITS, out, rows.astype(np.int64, copy=False),
+                                      offsets.astype(np.int64) + table.lo))

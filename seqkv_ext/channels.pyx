@@ -13,14 +13,16 @@ from libc.stdint cimport int32_t, int64_t
 
 import numpy as np
 
-__all__ = ["center_rows"]
+__all__ = ["center_rows", "MAX_TOKENS"]
+
+MAX_TOKENS = (1 << 22) - 1   # |q| < 2**31 and T < 2**22: a row's integer sum is exact as a double
 
 
 def center_rows(const int32_t[:, :] q):
     """q int32 [R, T] (any strides) -> (centred int64 [R, T], offsets int64 [R], spread float64 [R])."""
     cdef Py_ssize_t rows = q.shape[0], tokens = q.shape[1], r, t
-    if tokens >= (1 << 22):
-        raise ValueError(f"{tokens} tokens per row: the exact-sum bound (2**53) needs fewer than 2**22")
+    if tokens > MAX_TOKENS:
+        raise ValueError(f"{tokens} tokens per row: the exact-sum bound (2**53) allows at most {MAX_TOKENS}")
     out_arr = np.empty((rows, tokens), dtype=np.int64)
     offsets_arr = np.zeros(rows, dtype=np.int64)
     spread_arr = np.zeros(rows, dtype=np.float64)

@@ -54,19 +54,25 @@ cdef inline int _symbols(const float* z, const float* pred, float step, float ro
     return 1 if bad else (2 if big else 0)
 
 
-cdef double _reconstruct(const float* z, const int32_t* q, const float* pred, float step, float* recon,
-                         Py_ssize_t n) nogil:
-    """recon = q * step (+ pred), rounded like the decoder's float32 maths; returns sum((z - recon)**2)."""
+cdef inline void _dequantize(const int32_t* q, const float* pred, float step, float* recon, Py_ssize_t n) noexcept nogil:
+    """recon = q * step (+ pred): float32 product, then the sum (no fused multiply-add under -ffp-contract=off).
+    The encoder's reconstruction and the decoder's output both come from here, so they are the same floats."""
     cdef Py_ssize_t t
-    cdef float r, d
-    cdef double e0 = 0.0, e1 = 0.0
     if pred != NULL:
         for t in range(n):
-            r = <float>q[t] * step
-            recon[t] = r + pred[t]
+            recon[t] = <float>q[t] * step + pred[t]
     else:
         for t in range(n):
             recon[t] = <float>q[t] * step
+
+
+cdef double _reconstruct(const float* z, const int32_t* q, const float* pred, float step, float* recon,
+                         Py_ssize_t n) nogil:
+    """recon = q * step (+ pred) (:func:`_dequantize`); returns sum((z - recon)**2)."""
+    cdef Py_ssize_t t
+    cdef float d
+    cdef double e0 = 0.0, e1 = 0.0
+    _dequantize(q, pred, step, recon, n)
     # two accumulators: half the dependency chain of one
     t = 0
     while t + 1 < n:
@@ -151,7 +157,7 @@ def dequantize_rows(q_in, const float[::1] steps, pred=None, use_in=None):
     ``pred`` (float32 [N, T], C-contiguous).  Rounded as quantize_rows' reconstruction (float32, no fused
     multiply-add), so both sides chain the same floats into the next layer; one pass instead of three."""
     cdef const int32_t[:, :] q = q_in
-    cdef Py_ssize_t rows = q.shape[0], tokens = q.shape[1], r, t
+    cdef Py_ssize_t rows = q.shape[0], tokens = q.shape[1], r
     if steps.shape[0] != rows:
         raise ValueError(f"{steps.shape[0]} steps for {rows} rows")
     if tokens > 1 and q.strides[1] != sizeof(int32_t):
@@ -168,22 +174,9 @@ def dequantize_rows(q_in, const float[::1] steps, pred=None, use_in=None):
             raise ValueError("pred must have q's shape and use one flag per row")
     out_arr = np.empty((rows, tokens), dtype=np.float32)
     cdef float[:, ::1] out = out_arr
-    cdef float step
-    cdef const int32_t* qr
-    cdef const float* pr
-    cdef float* o
     if tokens == 0:
         return out_arr
     with nogil:
         for r in range(rows):
-            qr = &q[r, 0]
-            o = &out[r, 0]
-            step = steps[r]
-            if predicted and use[r]:
-                pr = &p[r, 0]
-                for t in range(tokens):
-                    o[t] = <float>qr[t] * step + pr[t]
-            else:
-                for t in range(tokens):
-                    o[t] = <float>qr[t] * step
+            _dequantize(&q[r, 0], &p[r, 0] if predicted and use[r] else NULL, steps[r], &out[r, 0], tokens)
     return out_arr

@@ -61,7 +61,7 @@ class ContextANS(Stage):
         """q [H, T, D] -> (symbols int64 [H*D, T] centred on each channel's rounded mean, the offsets, the spreads)."""
         heads, tokens, dim = q.shape
         rows = q.transpose(0, 2, 1).reshape(heads * dim, tokens)
-        if _ext_channels is not None and rows.dtype == np.int32 and tokens < 1 << 22:
+        if _ext_channels is not None and rows.dtype == np.int32 and tokens <= _ext_channels.MAX_TOKENS:
             return _ext_channels.center_rows(rows)  # one compiled pass per channel
         columns = rows.astype(np.int64)
         offsets = np.round(columns.mean(axis=1)).astype(np.int64) if tokens else np.zeros(heads * dim, np.int64)
