@@ -189,8 +189,14 @@ def _preregistered(out_dir):
     return lines
 
 
-def _interpolated_kl(a, b, n_bytes):
-    """Mean KL between two points a, b (bytes a <= n_bytes <= bytes b), linear in log KL vs log bytes."""
+def _interpolated_kl(points, n_bytes):
+    """Mean KL at ``n_bytes`` from the two nearest of ``points`` (sorted by bytes), linear in log KL vs log
+    bytes; None outside their range."""
+    lo = [p for p in points if p["bytes"] <= n_bytes]
+    hi = [p for p in points if p["bytes"] >= n_bytes]
+    if not lo or not hi:
+        return None
+    a, b = lo[-1], hi[0]
     if a is b or a["bytes"] == b["bytes"]:
         return a["mean_kl"]
     w = (math.log(n_bytes) - math.log(a["bytes"])) / (math.log(b["bytes"]) - math.log(a["bytes"]))
@@ -208,11 +214,9 @@ def _frontier(rows, texts, base="quant", combined=("prune+quant", "prune+lossles
         q = sorted([r for r in rows if r["text"] == t and r["kind"] == base], key=lambda r: r["bytes"])
         wins, losses = [], []
         for r in (r for r in rows if r["text"] == t and r["kind"] in combined):
-            lo = [p for p in q if p["bytes"] <= r["bytes"]]
-            hi = [p for p in q if p["bytes"] >= r["bytes"]]
-            if not lo or not hi:
+            kl = _interpolated_kl(q, r["bytes"])
+            if kl is None:
                 continue
-            kl = _interpolated_kl(lo[-1], hi[0], r["bytes"])
             point = (f"{r['method']} ratio {r['prune_ratio']} {knob} {r.get(knob, 'lossless')} "
                      f"({r['ratio']:.1f}x: KL {r['mean_kl']:.4f} vs {kl:.4f})")
             (wins if r["mean_kl"] < kl else losses).append(point)
@@ -256,10 +260,9 @@ def _interpolation_caveat(rows, texts) -> str:
         q = sorted([r for r in rows if r["text"] == t and r["kind"] == "calibrated"], key=lambda r: r["bytes"])
         gaps += [b["bytes"] / a["bytes"] for a, b in zip(q, q[1:])]
         for r in (r for r in rows if r["text"] == t and r["kind"] == "prune+calibrated" and r["prune_ratio"] == 0.5):
-            lo = [p for p in q if p["bytes"] <= r["bytes"]]
-            hi = [p for p in q if p["bytes"] >= r["bytes"]]
-            if lo and hi and r["mean_kl"] > 0:
-                margins.append(_interpolated_kl(lo[-1], hi[0], r["bytes"]) / r["mean_kl"])
+            kl = _interpolated_kl(q, r["bytes"])
+            if kl is not None and r["mean_kl"] > 0:
+                margins.append(kl / r["mean_kl"])
     if not gaps or not margins:
         return ""
     return (f"  The calibrated-alone points are {min(gaps):.1f}–{max(gaps):.1f}x apart in bytes, so the interpolated "
