@@ -57,6 +57,7 @@ sys.path.insert(0, ROOT)
 
 from seqkv import __version__, encode  # noqa: E402
 from seqkv.embedded_model import load_embedded_model  # noqa: E402
+from seqkv.model_calls import cache_of  # noqa: E402
 from seqkv.quality import clone_cache, compare_logits, continuation_logits  # noqa: E402
 from seqkv.profile import Profile  # noqa: E402
 from seqkv.store import PrefixStore, scale_for_kl  # noqa: E402
@@ -220,7 +221,7 @@ def main(argv=None) -> int:
             scale, scale_note = args.scale, f"scale {args.scale:g} (given)"
         else:
             with torch.no_grad():
-                first = clone_cache(model(torch.tensor([sessions[0]["ids"]]), use_cache=True).past_key_values, torch.float16)
+                first = clone_cache(cache_of(model(torch.tensor([sessions[0]["ids"]]), use_cache=True)), torch.float16)
             scale = scale_for_kl(first, profile, args.target_kl, model=model)
             scale_note = (f"scale {scale:.6g}, resolved once by rate control for a predicted KL of {args.target_kl:g} on "
                           "session 0's cache")
@@ -246,7 +247,7 @@ def main(argv=None) -> int:
             P = ids.shape[1]
             t0 = time.perf_counter()
             with torch.no_grad():
-                cache32 = model(ids, use_cache=True).past_key_values
+                cache32 = cache_of(model(ids, use_cache=True))
             prefill_seconds = time.perf_counter() - t0
             cache = clone_cache(cache32, torch.float16)  # what a server keeps
             del cache32

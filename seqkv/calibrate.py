@@ -24,6 +24,7 @@ import torch
 
 from .errors import ConfigError
 from .layout import layout_from_model
+from .model_calls import cache_of
 from .profile import KINDS, LayerKindProfile, Profile
 from .progress import progress_bar
 from .quality import QualityProbe, clone_cache
@@ -168,7 +169,7 @@ def calibrate(model, texts_or_token_ids, *, tokenizer=None, prompt_len: int = 20
         for ids in progress_bar(seqs, desc="calibrate: statistics", enabled=progress):
             length = min(len(ids), prompt_len)
             with torch.no_grad():
-                cache = model(ids[None, :length], use_cache=True).past_key_values
+                cache = cache_of(model(ids[None, :length], use_cache=True))
             positions = torch.arange(length)
             previous = {}
             for i, layer in enumerate(cache.layers):

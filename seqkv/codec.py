@@ -15,193 +15,18 @@ from .presets import CALIBRATED_PRESET, calibrated_pipeline_config, pipeline_con
 from .profile import Profile, ProfileMismatchError
 from .rate_control import DEFAULT_KL_MARGIN, DEFAULT_TARGET_KL, parse_target, scale_for_kl, scale_for_size
 from .progress import progress_bar
+from .positions import positions_of
 from .stages import stage_from_config
 from .stages.base import TensorContext
-from .wire import Reader
+from .format.pipeline import BITS_DTYPE, KINDS, MAX_TOKENS, Pipeline, le_bytes, section_name
 
-KINDS = ("keys", "values")
 MAX_LAYERS = 4096
 MAX_HEADS = 4096
 MAX_HEAD_DIM = 16384
-MAX_TOKENS = 1 << 26
 DEFAULT_MAX_DECODED_BYTES = 16 << 30
-_BITS_DTYPE = {"float32": (torch.int32, np.uint32), "float16": (torch.int16, np.uint16), "bfloat16": (torch.int16, np.uint16)}
-
-
-def section_name(layer: int, kind: str) -> str:
-    return f"layer.{layer}.{kind}"
-
-
-class _Pipeline:
-    """The stages named by a pipeline config, built once per encode/decode."""
-
-    def __init__(self, config: dict):
-        if not isinstance(config, dict) or config.get("mode") not in ("lossy", "lossless"):
-            raise ConfigError(f"invalid pipeline config: {config!r}")
-        self.config = config
-        self.lossless = config["mode"] == "lossless"
-        self.needs_profile = False  # set below for pipelines whose stages read the model profile
-        self.cross_layer = False    # set below when a section depends on the previous layer's
-        self.coder = self._stage(config.get("coder"), "tensor_coder" if self.lossless else "symbol_coder")
-        if self.lossless:
-            return
-        self.sink_tokens = config.get("sink_tokens", 0)
-        if not isinstance(self.sink_tokens, int) or isinstance(self.sink_tokens, bool) or not 0 <= self.sink_tokens <= MAX_TOKENS:
-            raise ConfigError(f"invalid sink_tokens {self.sink_tokens!r}")
-        transforms = config.get("transforms", [])
-        if not isinstance(transforms, list):
-            raise ConfigError("pipeline 'transforms' must be a list")
-        self.transforms = [self._stage(t, "transform") for t in transforms]
-        self.quantizer = self._stage(config.get("quantizer"), "quantizer")
-        predictor = config.get("predictor")
-        self.predictor = None if predictor is None else self._stage(predictor, "predictor")
-        # a pipeline whose stages read the model profile (the KLT and its quantizer)
-        self.needs_profile = any(t.id == "klt" for t in self.transforms) or self.quantizer.id == "klt_uniform"
-        self.cross_layer = bool(getattr(self.quantizer, "cross_layer", False))
-
-    @staticmethod
-    def _stage(config, role: str):
-        stage = stage_from_config(config)
-        if stage.role != role:
-            raise ConfigError(f"stage {stage.id!r} is a {stage.role}; this place in the pipeline needs a {role}")
-        return stage
-
-    def full_config(self) -> dict:
-        """The config with every stage option spelled out, as recorded in the container."""
-        out = dict(self.config, coder=self.coder.get_config())
-        if not self.lossless:
-            out["transforms"] = [t.get_config() for t in self.transforms]
-            out["quantizer"] = self.quantizer.get_config()
-            if self.predictor is not None:
-                out["predictor"] = self.predictor.get_config()
-        return out
-
-    # -- one tensor [H, T, D] <-> section bytes ------------------------------------------
-    def encode_tensor(self, x: torch.Tensor, ctx: TensorContext, dtype_name: str) -> bytes:
-        if self.lossless:
-            torch_int, np_uint = _BITS_DTYPE[dtype_name]
-            bits = x.contiguous().view(torch_int).numpy().view(np_uint)
-            return self.coder.encode(bits, dtype_name)
-        return self.code(x, self.transform(x, ctx), ctx)
-
-    def transform(self, x: torch.Tensor, ctx: TensorContext) -> torch.Tensor:
-        """The lossy stack's transforms: the tensor the quantizer sees (float32 [H, T, D])."""
-        y = x.to(torch.float32)
-        for t in self.transforms:
-            y = t.forward(y, ctx)
-        return y
-
-    def code(self, x: torch.Tensor, y: torch.Tensor, ctx: TensorContext) -> bytes:
-        """Section bytes: exact sinks from ``x``, then ``y``'s other tokens quantized, predicted, coded."""
-        sinks = min(self.sink_tokens, x.shape[1])
-        # no copy: the transform's layout (channel-major for the KLT) is the quantizer's and the coder's
-        q, side = self.quantizer.quantize(y[:, sinks:], ctx)
-        return self.pack(x[:, :sinks], side, q, ctx)
-
-    def pack(self, sinks: torch.Tensor, side: bytes, q: np.ndarray, ctx: TensorContext) -> bytes:
-        """Section bytes (§6.1) from the exact sink tokens, the quantizer's side info and its symbols
-        (int32 [H, T - sinks, D]): the predictor runs on ``q``, then the coder."""
-        out = bytearray(_raw_bytes(sinks))
-        out += side
-        if self.predictor is not None:
-            q, predictor_side = self.predictor.forward(q, ctx)
-            out += predictor_side
-        out += self.coder.encode(q)
-        return bytes(out)
-
-    def decode_tensor(self, payload, ctx: TensorContext, dtype_name: str, shape, symbols_out: dict | None = None) -> torch.Tensor:
-        """Section bytes -> the tensor; ``symbols_out`` (lossy only) receives the section's
-        SectionSymbols under (layer, kind), for analyses that need them."""
-        heads, tokens, dim = shape
-        if self.lossless:
-            torch_int, _ = _BITS_DTYPE[dtype_name]
-            bits = self.coder.decode(payload, dtype_name, shape)
-            return torch.from_numpy(np.ascontiguousarray(bits)).view(torch_int).view(DTYPES_BY_NAME[dtype_name])
-        sections = self.read_symbols(payload, ctx, dtype_name, shape, keep_residuals=symbols_out is not None)
-        if symbols_out is not None:
-            symbols_out[(ctx.layer, ctx.kind)] = sections
-        body = self.quantizer.dequantize(torch.from_numpy(sections.symbols), sections.side, ctx)
-        return self.restore(body, sections.sinks, ctx, dtype_name)
-
-    def restore(self, body: torch.Tensor, sinks: torch.Tensor, ctx: TensorContext, dtype_name: str) -> torch.Tensor:
-        """The tensor from its dequantized tokens after the sinks (transform domain, any layout) and the exact
-        sinks: the transforms inverted, the dtype restored, laid out [H, T, D] contiguously as caches are."""
-        count = sinks.shape[1]
-        # every transform works token by token, so the inverse runs on the quantized tokens alone: no
-        # full-size buffer to fill first
-        body_ctx = ctx if not count or ctx.positions is None else replace(ctx, positions=ctx.positions[count:])
-        for t in reversed(self.transforms):
-            body = t.inverse(body, body_ctx)
-        out = torch.empty((body.shape[0], count + body.shape[1], body.shape[2]), dtype=DTYPES_BY_NAME[dtype_name])
-        out[:, count:] = body  # one pass converts the dtype and the layout
-        out[:, :count] = sinks
-        return out
-
-    def read_symbols(self, payload, ctx: TensorContext, dtype_name: str, shape,
-                     keep_residuals: bool = False, quantizer_side: bool = True) -> "SectionSymbols":
-        """A lossy section's parts: exact sinks, quantizer side info, coded residuals and symbols.
-
-        The predictor turns residuals into symbols in place; ``keep_residuals`` keeps a copy of
-        the residuals (for analysis), else ``residuals`` may hold the symbols.  ``quantizer_side``
-        False reads a section written by :meth:`pack` without quantizer side info (``side`` None)."""
-        heads, tokens, dim = shape
-        reader = Reader(payload, what=section_name(ctx.layer, ctx.kind))
-        sinks = min(self.sink_tokens, tokens)
-        dtype = DTYPES_BY_NAME[dtype_name]
-        sink_part = _from_raw_bytes(reader.bytes(heads * sinks * dim * dtype.itemsize), dtype, (heads, sinks, dim))
-        side = self.quantizer.read_side(reader, heads, dim) if quantizer_side else None
-        predictor_side = None if self.predictor is None else self.predictor.read_side(reader, heads, dim)
-        coder_start = reader.pos
-        residuals = self.coder.decode(reader, (heads, tokens - sinks, dim))
-        reader.expect_end()
-        if self.predictor is not None:
-            symbols = self.predictor.inverse(residuals.copy() if keep_residuals else residuals, predictor_side, ctx)
-        else:
-            symbols = residuals
-        return SectionSymbols(sink_part, side, residuals, symbols, reader.pos - coder_start)
-
-
-@dataclass
-class SectionSymbols:
-    sinks: torch.Tensor        # [H, sinks, D], exact
-    side: object               # the quantizer's side info
-    residuals: np.ndarray      # int32 [H, T - sinks, D]: what the entropy coder coded
-    symbols: np.ndarray        # int32 [H, T - sinks, D]: the quantizer's output
-    coder_bytes: int           # bytes of the entropy coder's part (tables, offsets, ANS words)
-
-
-def _raw_bytes(x: torch.Tensor) -> bytes:
-    """The tensor's IEEE bit patterns, little-endian."""
-    torch_int, np_uint = _BITS_DTYPE[SUPPORTED_DTYPES[x.dtype]]
-    return _le_bytes(x.contiguous().view(torch_int).numpy().view(np_uint))
-
-
-def _le_bytes(a: np.ndarray) -> bytes:
-    return a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
-
-
-def _from_raw_bytes(raw: bytes, dtype: torch.dtype, shape) -> torch.Tensor:
-    torch_int, np_uint = _BITS_DTYPE[SUPPORTED_DTYPES[dtype]]
-    arr = np.frombuffer(raw, dtype=np.dtype(np_uint).newbyteorder("<")).astype(np_uint).reshape(shape)
-    return torch.from_numpy(arr).view(torch_int).view(dtype)
 
 
 # -- public API ---------------------------------------------------------------------------
-
-def _positions_of(positions, tokens: int) -> torch.Tensor:
-    if positions is None:
-        return torch.arange(tokens, dtype=torch.int64)
-    if isinstance(positions, int) and not isinstance(positions, bool):
-        if positions < 0:
-            raise ConfigError(f"start position must be >= 0, got {positions}")
-        return torch.arange(positions, positions + tokens, dtype=torch.int64)
-    pos = torch.as_tensor(positions).to(torch.int64).flatten()
-    if pos.numel() != tokens:
-        raise ConfigError(f"positions has {pos.numel()} entries for {tokens} cached tokens")
-    if tokens and (pos.min() < 0 or bool((pos[1:] <= pos[:-1]).any())):
-        raise ConfigError("positions must be non-negative and strictly increasing")
-    return pos
-
 
 def _layout_for(model, config, layers, lossless: bool) -> ModelLayout:
     if model is not None or config is not None:
@@ -275,11 +100,11 @@ def encode(cache, *, preset: str | None = None, model=None, config=None, positio
                                   kl_margin=kl_margin, **options)
     preset = preset or "balanced"
     config_dict = pipeline_config(preset, **options)
-    pipeline = _Pipeline(config_dict)
+    pipeline = Pipeline(config_dict)
     layers = cache_layers(cache)
     layout = _layout_for(model, config, layers, pipeline.lossless)
     dtype_name = SUPPORTED_DTYPES[layers[0][0].dtype]
-    pos = _positions_of(positions, layers[0][0].shape[1])
+    pos = positions_of(positions, layers[0][0].shape[1])
     sections = []
     for i, (keys, values) in progress_bar(list(enumerate(layers)), desc=f"encode {preset}", enabled=progress):
         for kind, x in zip(KINDS, (keys, values)):
@@ -292,7 +117,7 @@ def _write(sections, pipeline, layout, layers, dtype_name, pos, extra_header=Non
     heads, tokens, dim = layers[0][0].shape
     contiguous = bool(tokens == 0 or torch.equal(pos, torch.arange(int(pos[0]), int(pos[0]) + tokens)))
     if not contiguous:
-        sections.append(("positions", _le_bytes(pos.numpy())))
+        sections.append(("positions", le_bytes(pos.numpy())))
     header = _header(pipeline, layout, dtype_name, len(layers), heads, dim, tokens,
                      {"start": int(pos[0]), "next": int(pos[-1]) + 1, "contiguous": contiguous})
     header.update(extra_header or {})
@@ -320,7 +145,7 @@ def _encode_calibrated(cache, profile, *, model, config, positions, progress, ta
     layers = cache_layers(cache)
     pipeline, layout = calibrated_setup(profile, model, config, layers, kl_margin, options)
     dtype_name = SUPPORTED_DTYPES[layers[0][0].dtype]
-    pos = _positions_of(positions, layers[0][0].shape[1])
+    pos = positions_of(positions, layers[0][0].shape[1])
 
     def write(sections, extra_header):
         return _write(sections, pipeline, layout, layers, dtype_name, pos, extra_header)
@@ -335,7 +160,7 @@ def calibrated_setup(profile, model, config, layers, kl_margin, options):
         raise ConfigError(f"profile must be a seqkv.Profile, got {type(profile).__name__}")
     if not (isinstance(kl_margin, (int, float)) and 0.01 <= kl_margin <= 100):
         raise ConfigError(f"kl_margin must be in [0.01, 100], got {kl_margin!r}")
-    pipeline = _Pipeline(calibrated_pipeline_config(profile.sink_tokens, **options))
+    pipeline = Pipeline(calibrated_pipeline_config(profile.sink_tokens, **options))
     if model is not None or config is not None:
         layout = _layout_for(model, config, layers, False)
         profile.check_model(layout)
@@ -438,7 +263,7 @@ class _Parsed:
         if decoded > max_decoded_bytes:
             raise FormatError(f"decoding would need {decoded} bytes, over the max_decoded_bytes={max_decoded_bytes} cap")
         try:
-            self.pipeline = _Pipeline(self.pipeline_config)
+            self.pipeline = Pipeline(self.pipeline_config)
         except ConfigError as exc:
             raise FormatError(f"the container's pipeline is invalid or unknown to this version: {exc}") from None
         # the preamble's minor is not under a checksum: it must be the one the contents need
@@ -592,3 +417,7 @@ def inspect(data) -> dict:
         "keys_bytes": sum(v for k, v in sizes.items() if k.endswith(".keys")),
         "values_bytes": sum(v for k, v in sizes.items() if k.endswith(".values")),
     }
+
+
+_Pipeline = Pipeline  # transitional: the store's chunk codec still imports the old name
+_BITS_DTYPE = BITS_DTYPE

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from .model_calls import with_cache
+
 
 @torch.no_grad()
 def greedy_continue(model, cache, last_token: int, next_position: int, new_tokens: int) -> list[int]:
@@ -20,7 +22,7 @@ def greedy_continue(model, cache, last_token: int, next_position: int, new_token
     for step in range(new_tokens):
         position_ids = torch.tensor([[next_position + step]])
         with pruned_attention(model, cache):   # per-head padding masks, for ragged pruned caches
-            logits = model(token, past_key_values=cache, position_ids=position_ids, use_cache=True).logits
+            logits = model(token, **with_cache(model, cache), position_ids=position_ids, use_cache=True).logits
         token = logits[:, -1].argmax(-1, keepdim=True)
         out.append(int(token))
     return out

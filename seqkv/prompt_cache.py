@@ -15,6 +15,7 @@ import time
 import torch
 
 from .errors import ConfigError
+from .model_calls import cache_of, with_cache, with_cache_for_generate
 
 
 def _token_list(token_ids) -> list:
@@ -71,7 +72,7 @@ def cached_generate(model, token_ids, store, *, max_new_tokens: int, put: bool =
 
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
         raise ConfigError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
-    for reserved in ("input_ids", "past_key_values", "position_ids", "inputs"):
+    for reserved in ("input_ids", "past_key_values", "cache", "position_ids", "inputs"):
         if reserved in generate_kwargs:
             raise ConfigError(f"cached_generate sets {reserved!r} itself")
     ids = _token_list(token_ids)
@@ -106,7 +107,7 @@ def cached_generate(model, token_ids, store, *, max_new_tokens: int, put: bool =
     t0 = time.perf_counter()
     if feed_until > n:
         position_ids = torch.arange(n, feed_until, device=device).unsqueeze(0)
-        model(prompt[:, n:feed_until], past_key_values=cache, position_ids=position_ids, use_cache=True)
+        model(prompt[:, n:feed_until], **with_cache(model, cache), position_ids=position_ids, use_cache=True)
     prefill_seconds = time.perf_counter() - t0
 
     # (c) generate; transformers skips the tokens already in the cache
@@ -120,9 +121,10 @@ def cached_generate(model, token_ids, store, *, max_new_tokens: int, put: bool =
             if eos is not None:
                 kwargs.setdefault("pad_token_id", eos if isinstance(eos, int) else next(iter(eos)))
         kwargs["return_dict_in_generate"] = True
-        out = model.generate(input_ids=prompt, past_key_values=cache, max_new_tokens=max_new_tokens, **kwargs)
+        out = model.generate(input_ids=prompt, **with_cache_for_generate(model, cache), max_new_tokens=max_new_tokens,
+                             **kwargs)
         output_ids = out.sequences
-        cache = out.past_key_values
+        cache = cache_of(out)
     else:
         output_ids = prompt
     generate_seconds = time.perf_counter() - t0

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import ConfigError
+from .model_calls import cache_of, with_cache
 
 
 @dataclass
@@ -47,7 +48,7 @@ def prefill(model, token_ids: torch.Tensor, prompt_len: int):
     """Run the model on the first ``prompt_len`` tokens; returns the DynamicCache."""
     ids = token_ids[:, :prompt_len]
     out = model(ids, use_cache=True)
-    return out.past_key_values
+    return cache_of(out)
 
 
 @torch.no_grad()
@@ -58,7 +59,7 @@ def continuation_logits(model, cache, token_ids: torch.Tensor, start: int, count
 
     position_ids = torch.arange(next_position, next_position + count).unsqueeze(0)
     with pruned_attention(model, cache):   # per-head padding masks, for ragged pruned caches
-        out = model(ids, past_key_values=cache, position_ids=position_ids, use_cache=True)
+        out = model(ids, **with_cache(model, cache), position_ids=position_ids, use_cache=True)
     return out.logits[0].float()
 
 

@@ -24,10 +24,12 @@ def tiny_model(family: str = "llama", layers: int = 2, kv_heads: int = 2, heads:
 
 @torch.no_grad()
 def tiny_cache(family: str = "llama", tokens: int = 24, dtype=torch.float32, seed: int = 0, **kw):
+    from seqkv.model_calls import cache_of
+
     model = tiny_model(family, **kw)
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, 96, (1, tokens), generator=gen)
-    cache = model(ids, use_cache=True).past_key_values
+    cache = cache_of(model(ids, use_cache=True))
     if dtype != torch.float32:
         for layer in cache.layers:
             layer.keys = layer.keys.to(dtype)

@@ -109,8 +109,9 @@ def test_bad_arguments(model, store):
         cached_generate(model, torch.zeros(2, 5, dtype=torch.long), store, max_new_tokens=3)
     with pytest.raises(ConfigError):
         cached_generate(model, [1, 2, 3], store, max_new_tokens=-1)
-    with pytest.raises(ConfigError):
-        cached_generate(model, [1, 2, 3], store, max_new_tokens=2, past_key_values=None)
+    for reserved in ("past_key_values", "cache"):  # the cache keyword, old and new name: set by cached_generate
+        with pytest.raises(ConfigError, match=reserved):
+            cached_generate(model, [1, 2, 3], store, max_new_tokens=2, **{reserved: None})
 
 
 def test_lossy_store_runs(tmp_path, model):

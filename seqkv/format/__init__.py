@@ -1,0 +1,1 @@
+"""The format layer: pipeline, header, section plan, and the only container writer and reader."""
