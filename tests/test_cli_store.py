@@ -8,6 +8,7 @@ import torch
 from conftest import tiny_model
 
 from seqkv.cli import main
+from seqkv.model_calls import cache_of
 from seqkv.store import PrefixStore
 
 
@@ -17,7 +18,7 @@ def _fill(url: str, prompts: int = 3, tokens: int = 20) -> None:
     with PrefixStore(url, model=model, chunk_tokens=8) as store:
         for seed in range(prompts):
             ids = torch.randint(0, 96, (1, tokens), generator=torch.Generator().manual_seed(seed))
-            store.put(ids[0].tolist(), model(ids, use_cache=True).past_key_values)
+            store.put(ids[0].tolist(), cache_of(model(ids, use_cache=True)))
 
 
 def _json_out(capsys) -> dict:

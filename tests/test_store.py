@@ -1,4 +1,4 @@
-"""seqkv.store.PrefixStore over every backend: directory, a real redis-server and moto's S3 server."""
+"""seqkv.store.PrefixStore over every backend: directory, a real redis-server, moto's S3 server and memory."""
 from __future__ import annotations
 
 import hashlib
@@ -7,6 +7,8 @@ import multiprocessing
 import os
 import subprocess
 import sys
+import threading
+import types
 import uuid
 
 import pytest
@@ -16,9 +18,12 @@ from servers import redis_server, s3_server  # noqa: F401  (fixtures)
 
 import seqkv
 from seqkv.hf_adapter import build_cache, cache_layers
+from seqkv.model_calls import cache_of
 from seqkv.store import CorruptEntryError, PrefixStore
 from seqkv.store import keys as store_keys
-from seqkv.store.prefix_store import _pack_entry, _unpack_entry
+from seqkv.store.backend_memory import MemoryBackend
+from seqkv.store.entries import quarantined
+from seqkv.store.envelope import pack_entry, ref_nonce, unpack_entry
 
 CHUNK = 8
 
@@ -29,7 +34,7 @@ def make_cache(tokens: int, seed: int = 0, family: str = "llama", dtype=torch.fl
     model = tiny_model(family)
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, 96, (1, tokens), generator=gen)
-    cache = model(ids, use_cache=True).past_key_values
+    cache = cache_of(model(ids, use_cache=True))
     if dtype != torch.float32:
         cache = build_cache([(k.to(dtype), v.to(dtype)) for k, v in cache_layers(cache)])
     return ids[0].tolist(), cache
@@ -65,17 +70,43 @@ class Where:
         return PrefixStore(self.url, model=model if model is not None else tiny_model("llama"), **self.options, **kw)
 
 
-@pytest.fixture(params=["dir", "redis", "s3"])
+@pytest.fixture(params=["dir", "redis", "s3", "memory"])
 def where(request, tmp_path):
     kind = request.param
     tag = uuid.uuid4().hex[:12]
     if kind == "dir":
-        return Where(kind, (tmp_path / "store").as_uri(), {})
-    if kind == "redis":
+        yield Where(kind, (tmp_path / "store").as_uri(), {})
+    elif kind == "redis":
         base = request.getfixturevalue("redis_server")
-        return Where(kind, f"{base}/0", {"key_prefix": f"t{tag}:"})
-    _endpoint, bucket, options = request.getfixturevalue("s3_server")
-    return Where(kind, f"s3://{bucket}/t{tag}", dict(options))
+        yield Where(kind, f"{base}/0", {"key_prefix": f"t{tag}:"})
+    elif kind == "s3":
+        _endpoint, bucket, options = request.getfixturevalue("s3_server")
+        yield Where(kind, f"s3://{bucket}/t{tag}", dict(options))
+    else:
+        threads = torch.get_num_threads()
+        yield Where(kind, f"memory://t{tag}", {})
+        torch.set_num_threads(threads)  # the writers ran as threads of this process, and set it to 1
+        for space in (f"t{tag}", f"t{tag}x"):
+            MemoryBackend.discard(space)
+
+
+class _Worker(threading.Thread):
+    """A thread with a Process's exitcode: the writers of a memory store share its process."""
+
+    exitcode = None
+
+    def run(self):
+        self.exitcode = 1
+        super().run()
+        self.exitcode = 0
+
+
+def concurrency(where):
+    """Barrier and Process of the workers that write one store at once: forked processes, or threads for
+    the memory backend (a memory store lives in one process)."""
+    if where.kind == "memory":
+        return types.SimpleNamespace(Barrier=threading.Barrier, Process=_Worker)
+    return multiprocessing.get_context("fork")
 
 
 def test_roundtrip_lossless_bit_exact(where):
@@ -159,14 +190,14 @@ def test_entry_of_another_model_is_refused(where):
     assert key_a != key_b  # the fingerprint is in the namespace
     data = store_a.backend.get(key_a)
     # 1) the entry moved under model B's key: its namespace digest differs
-    header, payload = _unpack_entry(data, key_a)
-    assert store_b.backend.put_if_absent(key_b, _pack_entry(dict(header, key=key_b), payload))
+    header, payload = unpack_entry(data, key_a)
+    assert store_b.backend.put_if_absent(key_b, pack_entry(dict(header, key=key_b), payload))
     with pytest.raises((seqkv.ModelMismatchError, seqkv.StorageError)):
         store_b.longest_prefix(ids)
     # 2) forged to look like B's in the envelope: decoding with model=B checks the container's fingerprint
     store_b.backend.delete(key_b)
     ns_b = hashlib.sha256(store_b.namespace("float32")).hexdigest()
-    store_b.backend.put_if_absent(key_b, _pack_entry(dict(header, key=key_b, namespace=ns_b), payload))
+    store_b.backend.put_if_absent(key_b, pack_entry(dict(header, key=key_b, namespace=ns_b), payload))
     with pytest.raises((seqkv.ModelMismatchError, seqkv.StorageError)):
         store_b.longest_prefix(ids)
     store_a.close()
@@ -184,19 +215,19 @@ def test_truncated_entry_raises_and_is_quarantined(where):
         with pytest.raises(seqkv.StorageError, match="quarantined"):
             store.longest_prefix(ids)
         assert store.backend.get(key0) is None
-        assert len(store.backend.quarantined()) == 1
+        assert len(quarantined(store.backend)) == 1
         assert store.longest_prefix(ids) == (0, None)
         # a bit flipped inside the container (envelope checksum recomputed): seqkv's own checksums catch it
-        header, payload = _unpack_entry(store.backend.get(key1), key1)
+        header, payload = unpack_entry(store.backend.get(key1), key1)
         bad = bytearray(payload)
         bad[len(bad) - 20] ^= 0x10
         header.update(payload_sha256=hashlib.sha256(bytes(bad)).hexdigest())
         store.backend.delete(key1)
-        store.backend.put_if_absent(key1, _pack_entry(header, bytes(bad)))
+        store.backend.put_if_absent(key1, pack_entry(header, bytes(bad)))
         assert store.put(ids, cache)["chunks_written"] == 1  # chunk 0 rewritten
         with pytest.raises(CorruptEntryError, match="quarantined"):
             store.longest_prefix(ids)
-        assert len(store.backend.quarantined()) == 2
+        assert len(quarantined(store.backend)) == 2
         assert store.put(ids, cache)["chunks_written"] == 1
         n, got = store.longest_prefix(ids)
         assert n == 16
@@ -224,7 +255,7 @@ def test_concurrent_writers_lose_nothing_and_duplicate_nothing(where, tmp_path):
     ids_y = ids_x[:16] + ids_z[16:]  # shares two chunks with x
     cache_y = join_caches(slice_cache(cache_x, 0, 16), slice_cache(cache_z, 16, 32))
     jobs = [(ids_x, cache_x), (ids_x, cache_x), (ids_y, cache_y), (ids_y, cache_y)]
-    ctx = multiprocessing.get_context("fork")
+    ctx = concurrency(where)
     barrier = ctx.Barrier(len(jobs))
     procs = []
     for i, (ids, cache) in enumerate(jobs):
@@ -326,15 +357,15 @@ def _doc_sessions(doc_tokens: int = 48, seed: int = 5, layers: int = 2):
     a = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5] + doc
     b = [2, 7, 1, 8] + doc
     with torch.no_grad():
-        ca = model(torch.tensor([a]), use_cache=True).past_key_values
-        cb = model(torch.tensor([b]), use_cache=True).past_key_values
+        ca = cache_of(model(torch.tensor([a]), use_cache=True))
+        cb = cache_of(model(torch.tensor([b]), use_cache=True))
     return (a, ca), (b, cb)
 
 
 def _residual_entries(store):
     out = {}
     for key, _, _ in store.backend.list():
-        header, _ = _unpack_entry(store.backend.get(key), key)
+        header, _ = unpack_entry(store.backend.get(key), key)
         if header["base"] is not None:
             out[key] = header
     return out
@@ -361,7 +392,7 @@ def test_near_duplicate_chunks_are_residuals_and_round_trip_bit_exact(where):
         assert len(residuals) == put_b["chunks_residual"]
         for key, header in residuals.items():
             assert store.backend.exists(header["base"])
-            assert header["base_ref"] in store.backend.refs(header["base"])
+            assert header["base_ref"] in store.metadata.refs(header["base"])
             assert store.tokens_of(key) == store.tokens_of(header["base"])  # the residual carries no ids of its own
 
 
@@ -409,7 +440,7 @@ def test_referenced_base_is_never_evicted_and_references_are_released(where):
         store.gc(max_bytes=0)
         assert store.stats()["entries"] == 0
         for base in bases:
-            assert store.backend.refs(base) == []
+            assert store.metadata.refs(base) == []
         assert store.longest_prefix(b) == (0, None)
 
 
@@ -428,12 +459,12 @@ def test_missing_or_corrupt_base_is_a_clear_error_never_a_wrong_cache(where):
         residuals = _put_pair(store, a, ca, b, cb)
         victim, header = sorted(residuals.items(), key=lambda kv: kv[1]["start"])[0]
         base = header["base"]
-        bh, payload = _unpack_entry(store.backend.get(base), base)
+        bh, payload = unpack_entry(store.backend.get(base), base)
         bad = bytearray(payload)
         bad[-9] ^= 0x40
         bh.update(payload_sha256=hashlib.sha256(bytes(bad)).hexdigest())
         store.backend.delete(base)
-        store.backend.put_if_absent(base, _pack_entry(bh, bytes(bad)))
+        store.backend.put_if_absent(base, pack_entry(bh, bytes(bad)))
         with pytest.raises(seqkv.StorageError):
             store.longest_prefix(b)
         assert data is not None
@@ -465,9 +496,9 @@ def test_overwritten_entry_of_another_sequence_is_refused(where):
         store.put(ids_a, cache_a)
         store.put(ids_b, cache_b)
         ka, kb = store.keys_for(ids_a)[1], store.keys_for(ids_b)[1]
-        header, payload = _unpack_entry(store.backend.get(kb), kb)
+        header, payload = unpack_entry(store.backend.get(kb), kb)
         store.backend.delete(ka)  # a concurrent writer's entry for other tokens lands under a's key
-        store.backend.put_if_absent(ka, _pack_entry(dict(header, key=ka), payload))
+        store.backend.put_if_absent(ka, pack_entry(dict(header, key=ka), payload))
         n, got = store.longest_prefix(ids_a)
         assert n == 8
         assert_bit_exact(got, slice_cache(cache_a, 0, 8))
@@ -519,10 +550,10 @@ def test_concurrent_residual_writers_and_evictor_lose_no_reference(where, tmp_pa
     for i in range(3):
         ids = [10 + i, 20 + i, 30 + i] * (i + 1) + doc
         with torch.no_grad():
-            jobs.append((ids, model(torch.tensor([ids]), use_cache=True).past_key_values))
+            jobs.append((ids, cache_of(model(torch.tensor([ids]), use_cache=True))))
     with where.open(chunking="content") as store:
         store.put(a, ca)
-    ctx = multiprocessing.get_context("fork")
+    ctx = concurrency(where)
     barrier = ctx.Barrier(len(jobs) + 1)
     procs = [ctx.Process(target=_near_writer, args=(where, ids, cache, barrier, str(tmp_path / f"n{i}.json")))
              for i, (ids, cache) in enumerate(jobs)]
@@ -536,7 +567,7 @@ def test_concurrent_residual_writers_and_evictor_lose_no_reference(where, tmp_pa
         present = {k for k, _, _ in store.backend.list()}
         for key, header in _residual_entries(store).items():
             assert header["base"] in present, "a residual lost its base"
-            assert header["base_ref"] in store.backend.refs(header["base"]), "a residual lost its reference"
+            assert header["base_ref"] in store.metadata.refs(header["base"]), "a residual lost its reference"
         for ids, cache in jobs:
             n, got = store.longest_prefix(ids)  # never raises, never a wrong cache
             if n:
@@ -553,7 +584,7 @@ def test_store_payload_is_refused_by_plain_decode(where):
     (a, ca), (b, cb) = _doc_sessions()
     with where.open(chunking="content") as store:
         key = next(iter(_put_pair(store, a, ca, b, cb)))
-        _, payload = _unpack_entry(store.backend.get(key), key)
+        _, payload = unpack_entry(store.backend.get(key), key)
         with pytest.raises(seqkv.DecodeError):
             seqkv.decode(payload)
 
@@ -565,7 +596,7 @@ def test_boundary_tokens_start_chunks_so_a_whole_message_is_a_near_duplicate(whe
     a = [0, 5, 6, 7, 8, 9] + message
     b = [0, 11, 12, 13] + message
     with torch.no_grad():
-        ca, cb = (model(torch.tensor([x]), use_cache=True).past_key_values for x in (a, b))
+        ca, cb = (cache_of(model(torch.tensor([x]), use_cache=True)) for x in (a, b))
     with where.open(chunking="content", boundary_tokens=[0]) as store:
         assert (len(a) - len(message)) in [s for s, _ in store.bounds_for(a)]
         with where.open(chunking="content") as plain:
@@ -581,28 +612,26 @@ def test_boundary_tokens_start_chunks_so_a_whole_message_is_a_near_duplicate(whe
 
 
 def test_stale_reference_records_are_dropped_young_ones_kept(where):
-    from seqkv.store.prefix_store import _ref_nonce
-
     (a, ca), (b, cb) = _doc_sessions()
     with where.open(chunking="content") as store:
         residuals = _put_pair(store, a, ca, b, cb)
         base = next(iter(residuals.values()))["base"]
         ghost = "f" * 64  # a writer that took a reference and crashed before writing its entry
-        old = f"{ghost}.{(int(_ref_nonce()[:11], 16) - 7_200_000):011x}00000"
-        young = f"{'e' * 64}.{_ref_nonce()}"
-        store.backend.add_ref(base, old)
-        store.backend.add_ref(base, young)
+        old = f"{ghost}.{(int(ref_nonce()[:11], 16) - 7_200_000):011x}00000"
+        young = f"{'e' * 64}.{ref_nonce()}"
+        store.metadata.add_ref(base, old)
+        store.metadata.add_ref(base, young)
         assert store.drop_stale_refs(older_than=3600) == 1
-        refs = store.backend.refs(base)
+        refs = store.metadata.refs(base)
         assert old not in refs and young in refs
-        assert all(h["base_ref"] in store.backend.refs(h["base"]) for h in residuals.values())
+        assert all(h["base_ref"] in store.metadata.refs(h["base"]) for h in residuals.values())
 
 
 def test_entry_of_the_previous_envelope_version_is_a_miss_then_rewritten(where):
     ids, cache = make_cache(8, seed=31)
     with where.open() as store:
         (key,) = store.keys_for(ids)
-        old = _pack_entry({"v": 1, "key": key, "token_ids": ids, "positions": list(range(8))}, b"old container")
+        old = pack_entry({"v": 1, "key": key, "token_ids": ids, "positions": list(range(8))}, b"old container")
         store.backend.put_if_absent(key, old)
         assert store.longest_prefix(ids) == (0, None)
         assert store.put(ids, cache)["chunks_written"] == 1
@@ -627,13 +656,13 @@ def _open_calibrated(url, profile, scale=0.05, **kw):
 
 def _klt_errors_in_steps(got, want, profile, scale, positions, model=None):
     """max |z - z_hat| / step over every KLT coefficient of every layer and kind (the sinks are exact)."""
-    from seqkv.codec import _Pipeline
+    from seqkv.format.pipeline import Pipeline
     from seqkv.layout import layout_from_model
     from seqkv.presets import calibrated_pipeline_config
     from seqkv.stages.base import TensorContext
     from seqkv.stages.quantize_klt import component_steps
 
-    pipeline = _Pipeline(calibrated_pipeline_config(profile.sink_tokens))
+    pipeline = Pipeline(calibrated_pipeline_config(profile.sink_tokens))
     layout = layout_from_model(model if model is not None else tiny_model("llama"))
     worst = 0.0
     for i, (gl, wl) in enumerate(zip(cache_layers(got), cache_layers(want))):
@@ -660,7 +689,7 @@ def test_calibrated_store_round_trips_with_klt_residuals_within_half_a_step(tmp_
         residuals = _residual_entries(near)
         assert len(residuals) == nb["chunks_residual"]
         for key in residuals:
-            parsed = ParsedChunk(_unpack_entry(near.backend.get(key), key)[1])
+            parsed = ParsedChunk(unpack_entry(near.backend.get(key), key)[1])
             assert "r" in parsed.modes
             assert parsed.calibrated == {"profile": profile.ref(), "scale": pytest.approx(0.05)}
         for ids, cache in ((b, cb), (a, ca)):
@@ -691,7 +720,7 @@ def test_calibrated_store_keys_and_entries_belong_to_one_profile(tmp_path, profi
             assert other.longest_prefix(a) == (0, None)
         assert one.longest_prefix(a)[0] == len(a)
         key = one.keys_for(a)[0]
-        parsed = ParsedChunk(_unpack_entry(one.backend.get(key), key)[1])
+        parsed = ParsedChunk(unpack_entry(one.backend.get(key), key)[1])
         with pytest.raises(ProfileMismatchError, match="profile="):
             parsed.decode(None)
         with pytest.raises(ProfileMismatchError):
@@ -791,7 +820,7 @@ def test_calibrated_store_with_mixed_section_modes_round_trips_within_half_a_ste
                      chunk_tokens=CHUNK, chunking="content") as store:
         store.put(a, ca)
         assert store.put(b, cb)["chunks_residual"] >= 2
-        modes = {chunk_codec.ParsedChunk(_unpack_entry(store.backend.get(k), k)[1]).modes for k in _residual_entries(store)}
+        modes = {chunk_codec.ParsedChunk(unpack_entry(store.backend.get(k), k)[1]).modes for k in _residual_entries(store)}
         assert modes and all(m[:2] == "pp" and m[2:4] != "pp" and m[4:] == "pp" for m in modes)
         n, got = store.longest_prefix(b)
         assert n == len(b)
@@ -813,7 +842,7 @@ def test_calibrated_chunks_survive_section_and_header_mutations(tmp_path, profil
     with _open_calibrated((tmp_path / "s").as_uri(), profile) as store:
         store.put(a, ca)
         store.put(b, cb)
-        payloads = {key: _unpack_entry(store.backend.get(key), key)[1] for key, _, _ in store.backend.list()}
+        payloads = {key: unpack_entry(store.backend.get(key), key)[1] for key, _, _ in store.backend.list()}
     residual = {k: p for k, p in payloads.items() if ParsedChunk(p).base is not None}
     assert residual
     rng = random.Random(11)

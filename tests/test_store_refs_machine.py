@@ -14,9 +14,10 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 from test_store import slice_cache
 
 from seqkv.hf_adapter import cache_layers
+from seqkv.model_calls import cache_of
 
 from seqkv.store import PrefixStore
-from seqkv.store.prefix_store import _unpack_entry
+from seqkv.store.envelope import unpack_entry
 
 _GEN = torch.Generator().manual_seed(77)
 DOCS = [torch.randint(1, 96, (24,), generator=_GEN).tolist() for _ in range(2)]
@@ -25,7 +26,7 @@ PREFIXES = [[1], [1, 5, 6], [1, 7, 8, 9, 10], [1, 11]]  # then token 0, a bounda
 
 @torch.no_grad()
 def _cache(ids):
-    return tiny_model("llama")(torch.tensor([ids]), use_cache=True).past_key_values
+    return cache_of(tiny_model("llama")(torch.tensor([ids]), use_cache=True))
 
 
 class StoreMachine(RuleBasedStateMachine):
@@ -58,10 +59,10 @@ class StoreMachine(RuleBasedStateMachine):
     def evict_one(self, i, bases_only):
         entries = sorted(k for k, _, _ in self.store.backend.list())
         if bases_only:
-            entries = [k for k in entries if self.store.backend.refs(k)] or entries
+            entries = [k for k in entries if self.store.metadata.refs(k)] or entries
         if entries:
             key = entries[i % len(entries)]
-            referenced = bool(self.store.backend.refs(key))
+            referenced = bool(self.store.metadata.refs(key))
             removed = self.store.evict(key)
             assert not (referenced and removed), "a referenced base was evicted"
 
@@ -78,10 +79,10 @@ class StoreMachine(RuleBasedStateMachine):
     def residuals_have_bases_and_records(self):
         present = {k for k, _, _ in self.store.backend.list()}
         for key in present:
-            header, _ = _unpack_entry(self.store.backend.get(key), key)
+            header, _ = unpack_entry(self.store.backend.get(key), key)
             if header["base"] is not None:
                 assert header["base"] in present
-                assert header["base_ref"] in self.store.backend.refs(header["base"])
+                assert header["base_ref"] in self.store.metadata.refs(header["base"])
 
     @invariant()
     def lookups_are_right_or_shorter(self):

@@ -1,48 +1,66 @@
-"""Local-directory backend (the default, embedded one): one file per entry.
+"""Local-directory backend (``file:///path``, the default, embedded one): one file per entry.
 
 Layout under the root: ``entries/<k[:2]>/<key>`` (the entries), ``tmp/`` (files being written),
-``quarantine/`` (entries that failed to decode), ``meta/<kind>/<hex>[/<ref id>]`` (reference records,
-the content index and reuse scores: one small file each, written by temp file + rename) and ``limbo/``
-(entries hidden by an evictor while it checks their references).  A write goes to a temp file in ``tmp/`` (fsync'ed when
+``quarantine/`` and ``limbo/`` (entries set aside), ``meta/<kind>/<hex>[/<ref id>]`` (side records: one
+small file each, written by temp file + rename).  A write goes to a temp file in ``tmp/`` (fsync'ed when
 asked) and is published with ``os.link`` (atomic and exclusive: it fails if the entry exists) or, where
-the file system has no hard links, ``os.replace`` after an existence check.  The entry's mtime is its
-last-use time for LRU eviction.
+the file system has no hard links, ``os.replace`` after an existence check.  Setting an entry aside is an
+``os.rename``; putting it back an ``os.link`` again.  The entry's mtime is its last-use time for LRU eviction.
 """
 from __future__ import annotations
 
 import errno
 import os
-import re
 import tempfile
 import time
+from urllib.parse import unquote, urlparse
 
-from ..errors import StorageError
-from .prefix_store import META_FOLDER_RE, META_NAME_RE, Backend
+from ..errors import ConfigError, StorageError
+from .backend import AREAS, ASIDE_NAME_RE, ENTRIES, KEY_RE, META_FOLDER_RE, META_NAME_RE, Backend, register_backend
 
-_KEY_RE = re.compile(r"^[0-9a-f]{64}$")
+# errors of os.link where the file system has no hard links
+_NO_LINKS = (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK)
 
 
+@register_backend("file")
 class DirBackend(Backend):
     name = "dir"
 
     def __init__(self, root: str, *, fsync: bool = False):
         self.root = os.path.abspath(root)
         self.fsync = fsync
-        self.entries_dir = os.path.join(self.root, "entries")
+        self.area_dirs = {area: os.path.join(self.root, area) for area in AREAS}
+        self.entries_dir = self.area_dirs[ENTRIES]
+        self.quarantine_dir = self.area_dirs["quarantine"]
+        self.limbo_dir = self.area_dirs["limbo"]
         self.tmp_dir = os.path.join(self.root, "tmp")
-        self.quarantine_dir = os.path.join(self.root, "quarantine")
         self.meta_dir = os.path.join(self.root, "meta")
-        self.limbo_dir = os.path.join(self.root, "limbo")
         try:
-            for d in (self.entries_dir, self.tmp_dir, self.quarantine_dir, self.meta_dir, self.limbo_dir):
+            for d in (*self.area_dirs.values(), self.tmp_dir, self.meta_dir):
                 os.makedirs(d, exist_ok=True)
         except OSError as exc:
             raise StorageError(f"cannot create the store directory {self.root}: {exc}") from exc
 
+    @classmethod
+    def from_url(cls, url: str, *, fsync: bool = False, **options) -> DirBackend:
+        parsed = urlparse(url)
+        if parsed.netloc not in ("", "localhost"):
+            raise ConfigError(f"file URLs must be file:///absolute/path, got {url!r}")
+        if options:
+            raise ConfigError(f"unknown options for the directory backend: {sorted(options)}")
+        return cls(unquote(parsed.path), fsync=fsync)
+
     def _path(self, key: str) -> str:
-        if not _KEY_RE.match(key):
+        if not KEY_RE.match(key):
             raise StorageError(f"invalid entry key {key!r}")
         return os.path.join(self.entries_dir, key[:2], key)
+
+    def _item_path(self, area: str, name: str) -> str:
+        if area == ENTRIES:
+            return self._path(name)
+        if area not in self.area_dirs or not ASIDE_NAME_RE.match(name):
+            raise StorageError(f"invalid item {name!r} of area {area!r}")
+        return os.path.join(self.area_dirs[area], name)
 
     @staticmethod
     def _read(path: str, what: str):
@@ -64,6 +82,23 @@ class DirBackend(Backend):
         except OSError as exc:
             raise StorageError(f"cannot delete {what}: {exc}") from exc
 
+    @staticmethod
+    def _publish(src: str, dst: str) -> bool:
+        """Make the file ``src`` appear at ``dst`` unless ``dst`` exists; True when it did.  ``src`` may be
+        gone afterwards (moved, where the file system has no hard links)."""
+        try:
+            os.link(src, dst)  # atomic, and refuses to overwrite
+            return True
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            if exc.errno not in _NO_LINKS:
+                raise
+        if os.path.exists(dst):
+            return False
+        os.replace(src, dst)  # no hard links here: same bytes for the same key
+        return True
+
     def get(self, key: str):
         return self._read(self._path(key), f"entry {key}")
 
@@ -78,17 +113,7 @@ class DirBackend(Backend):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             tmp = self._write_tmp(data, key[:16] + ".")
             try:
-                try:
-                    os.link(tmp, path)  # atomic, and refuses to overwrite
-                    created = True
-                except FileExistsError:
-                    created = False
-                except OSError as exc:
-                    if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
-                        raise
-                    created = not os.path.exists(path)
-                    if created:
-                        os.replace(tmp, path)  # no hard links here: same bytes for the same key
+                created = self._publish(tmp, path)
             finally:
                 try:
                     os.unlink(tmp)
@@ -123,8 +148,8 @@ class DirBackend(Backend):
         finally:
             os.close(fd)
 
-    def delete(self, key: str) -> bool:
-        return self._unlink(self._path(key), f"entry {key}")
+    def delete(self, name: str, area: str = ENTRIES) -> bool:
+        return self._unlink(self._item_path(area, name), f"{area} item {name}")
 
     def touch(self, key: str, when: float) -> None:
         try:
@@ -134,44 +159,57 @@ class DirBackend(Backend):
         except OSError as exc:
             raise StorageError(f"cannot update entry {key}: {exc}") from exc
 
-    def list(self):
-        out = []
+    def list(self, area: str = ENTRIES) -> list:
+        if area not in self.area_dirs:
+            raise StorageError(f"unknown area {area!r}")
+        if area != ENTRIES:
+            return self._list_files(self.area_dirs[area], None)
         try:
             shards = os.listdir(self.entries_dir)
         except OSError as exc:
             raise StorageError(f"cannot list {self.entries_dir}: {exc}") from exc
+        out = []
         for shard in shards:
-            d = os.path.join(self.entries_dir, shard)
-            try:
-                names = os.listdir(d)
-            except (NotADirectoryError, FileNotFoundError):
-                continue
-            for name in names:
-                if not _KEY_RE.match(name):
-                    continue
-                try:
-                    st = os.stat(os.path.join(d, name))
-                except FileNotFoundError:
-                    continue
-                out.append((name, st.st_size, st.st_mtime_ns / 1e9))
+            out += self._list_files(os.path.join(self.entries_dir, shard), KEY_RE)
         return out
 
-    def _move_aside(self, key: str, dest: str, what: str) -> bool:
-        """Rename the entry to ``dest`` (atomic); False when it was not there."""
+    @staticmethod
+    def _list_files(folder: str, pattern) -> list:
         try:
-            os.rename(self._path(key), dest)
-        except FileNotFoundError:
-            return False
+            names = os.listdir(folder)
+        except (NotADirectoryError, FileNotFoundError):
+            return []
         except OSError as exc:
-            raise StorageError(f"cannot {what} entry {key}: {exc}") from exc
-        return True
+            raise StorageError(f"cannot list {folder}: {exc}") from exc
+        out = []
+        for name in names:
+            if pattern is not None and not pattern.match(name):
+                continue
+            try:
+                st = os.stat(os.path.join(folder, name))
+            except FileNotFoundError:
+                continue
+            out.append((name, st.st_size, st.st_mtime_ns / 1e9))
+        return out
 
-    def quarantine(self, key: str) -> str:
-        dest = os.path.join(self.quarantine_dir, f"{key}.{time.time_ns()}.{os.getpid()}")
-        return dest if self._move_aside(key, dest, "quarantine") else ""
-
-    def quarantined(self) -> list[str]:
-        return sorted(os.listdir(self.quarantine_dir))
+    def move(self, area: str, name: str, to_area: str, to_name: str):
+        src, dst = self._item_path(area, name), self._item_path(to_area, to_name)
+        try:
+            if to_area == ENTRIES:  # back among the entries: exclusive, like a put
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                if not self._publish(src, dst):
+                    return None
+                try:
+                    os.unlink(src)
+                except FileNotFoundError:
+                    pass
+            else:
+                os.rename(src, dst)  # set aside under a unique name: nothing to overwrite
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StorageError(f"cannot move {area} item {name} to {to_area}: {exc}") from exc
+        return dst
 
     def cleanup_tmp(self, older_than: float = 3600.0) -> int:
         """Remove temp files left by crashed writers."""
@@ -194,7 +232,7 @@ class DirBackend(Backend):
 
     def meta_set(self, name: str, data: bytes) -> None:
         path = self._meta_path(name)
-        for _ in range(5):  # a concurrent remove_ref may rmdir the folder between makedirs and mkstemp
+        for _ in range(5):  # another process may remove the folder between makedirs and the rename
             try:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 tmp = self._write_tmp(data, "meta.")
@@ -217,34 +255,11 @@ class DirBackend(Backend):
         if not META_FOLDER_RE.match(folder):
             raise StorageError(f"invalid side record folder {folder!r}")
         try:
-            return sorted(os.listdir(os.path.join(self.meta_dir, *folder.split("/"))))
+            names = os.listdir(os.path.join(self.meta_dir, *folder.split("/")))
         except (FileNotFoundError, NotADirectoryError):
             return []
         except OSError as exc:
             raise StorageError(f"cannot list side records {folder}: {exc}") from exc
-
-    def ref_bases(self) -> list:
-        try:
-            return sorted(n for n in os.listdir(os.path.join(self.meta_dir, "refs")) if _KEY_RE.match(n))
-        except FileNotFoundError:
-            return []
-        except OSError as exc:
-            raise StorageError(f"cannot list reference records: {exc}") from exc
-
-    # -- eviction protocol ---------------------------------------------------------------------
-    def hide(self, key: str):
-        token = os.path.join(self.limbo_dir, f"{key}.{time.time_ns()}.{os.getpid()}")
-        return token if self._move_aside(key, token, "hide") else None
-
-    def unhide(self, key: str, token) -> None:
-        try:
-            try:
-                os.link(token, self._path(key))
-            except FileExistsError:
-                pass  # rewritten meanwhile: the same bytes for the same key
-            os.unlink(token)
-        except OSError as exc:
-            raise StorageError(f"cannot restore entry {key}: {exc}") from exc
-
-    def drop_hidden(self, token) -> None:
-        self._unlink(token, f"hidden entry {token}")
+        if "/" not in folder:  # a kind's folder: only names this store writes
+            names = [n for n in names if KEY_RE.match(n)]
+        return sorted(names)

@@ -1,20 +1,20 @@
-"""Redis backend (``redis://host:port/db``): entries are string keys, last use a sorted set.
+"""Redis backend (``redis://host:port/db``, ``rediss://``): entries are string keys, last use a sorted set.
 
 A write is one Lua script (atomic on the server): ``SET key data NX`` and, when it was set, ``ZADD`` of
-its last-use time, so that no two writers ever both create an entry.  Reference records of a base are
-one Redis set (``SADD``/``SREM``, atomic per record); the content index and scores are plain keys.  An
-evictor hides an entry with ``RENAMENX`` (atomic).  Needs the ``redis`` package.
+its last-use time, so that no two writers ever both create an entry.  Setting an entry aside (or putting
+it back) is a ``RENAMENX`` and the LRU record's update in one transaction.  Reference records of a base are
+one Redis set ``refs:<base>`` (``SADD``/``SREM``, atomic per record); the other side records are plain
+keys ``m:<name>``.  Option ``key_prefix`` (default ``seqkv:``) comes before every key.  Needs the ``redis``
+package, imported when a backend is opened.
 """
 from __future__ import annotations
 
-import re
 import time
 from urllib.parse import urlparse
 
 from ..errors import StorageError
-from .prefix_store import META_FOLDER_RE, META_NAME_RE, Backend
+from .backend import AREAS, ASIDE_NAME_RE, ENTRIES, KEY_RE, META_FOLDER_RE, META_NAME_RE, Backend, register_backend
 
-_KEY_RE = re.compile(r"^[0-9a-f]{64}$")
 _PUT_SCRIPT = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX') then
   redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
@@ -24,6 +24,11 @@ return 0
 """
 
 
+def _text(name) -> str:
+    return name.decode() if isinstance(name, bytes) else name
+
+
+@register_backend("redis", "rediss")
 class RedisBackend(Backend):
     name = "redis"
 
@@ -45,16 +50,36 @@ class RedisBackend(Backend):
             raise StorageError(f"cannot connect to redis at {parsed.hostname}:{parsed.port}: {exc}") from exc
         self.lru_key = f"{self.prefix}lru"
 
+    @classmethod
+    def from_url(cls, url: str, *, fsync: bool = False, **options) -> RedisBackend:
+        return cls(url, **options)
+
     def _k(self, key: str) -> str:
-        if not _KEY_RE.match(key):
+        if not KEY_RE.match(key):
             raise StorageError(f"invalid entry key {key!r}")
         return f"{self.prefix}e:{key}"
+
+    def _head(self, area: str) -> str:
+        """The Redis key prefix of an area's items."""
+        if area not in AREAS:
+            raise StorageError(f"unknown area {area!r}")
+        return f"{self.prefix}e:" if area == ENTRIES else f"{self.prefix}{area}:"
+
+    def _item(self, area: str, name: str) -> str:
+        if area == ENTRIES:
+            return self._k(name)
+        if not ASIDE_NAME_RE.match(name):
+            raise StorageError(f"invalid item {name!r} of area {area!r}")
+        return self._head(area) + name
 
     def _call(self, what: str, fn, *args, **kw):
         try:
             return fn(*args, **kw)
         except self._redis_errors as exc:
             raise StorageError(f"redis {what} failed: {exc}") from exc
+
+    def _scan(self, pattern: str) -> list:
+        return [_text(n) for n in self._call("SCAN", lambda: list(self.client.scan_iter(match=pattern, count=1000)))]
 
     def get(self, key: str):
         return self._call("GET", self.client.get, self._k(key))
@@ -66,55 +91,55 @@ class RedisBackend(Backend):
         res = self._call("SET NX", self._put, keys=[self._k(key), self.lru_key], args=[data, repr(time.time()), key])
         return bool(res)
 
-    def delete(self, key: str) -> bool:
+    def delete(self, name: str, area: str = ENTRIES) -> bool:
+        if area != ENTRIES:
+            return bool(self._call("DEL", self.client.delete, self._item(area, name)))
         pipe = self.client.pipeline(transaction=True)
-        pipe.delete(self._k(key))
-        pipe.zrem(self.lru_key, key)
+        pipe.delete(self._k(name))
+        pipe.zrem(self.lru_key, name)
         res = self._call("DEL", pipe.execute)
         return bool(res[0])
 
     def touch(self, key: str, when: float) -> None:
-        # XX: only entries that exist (a concurrent eviction must not leave a dangling LRU record)
+        # only entries that exist (a concurrent eviction must not leave a dangling LRU record)
         if self.exists(key):
             self._call("ZADD", self.client.zadd, self.lru_key, {key: when})
 
-    def list(self):
-        out = []
-        pattern = f"{self.prefix}e:*"
-        names = [n.decode() if isinstance(n, bytes) else n for n in self._call("SCAN", lambda: list(self.client.scan_iter(match=pattern, count=1000)))]
+    def list(self, area: str = ENTRIES) -> list:
+        head = self._head(area)
+        names = self._scan(f"{head}*")
         if not names:
-            return out
+            return []
         pipe = self.client.pipeline(transaction=False)
         for n in names:
             pipe.strlen(n)
-            pipe.zscore(self.lru_key, n[len(self.prefix) + 2:])
+            if area == ENTRIES:
+                pipe.zscore(self.lru_key, n[len(head):])
         res = self._call("STRLEN", pipe.execute)
+        step = 2 if area == ENTRIES else 1
+        out = []
         for i, n in enumerate(names):
-            size, score = res[2 * i], res[2 * i + 1]
+            size = res[step * i]
+            score = res[step * i + 1] if area == ENTRIES else None
             if size:
-                out.append((n[len(self.prefix) + 2:], int(size), float(score) if score is not None else 0.0))
+                out.append((n[len(head):], int(size), float(score) if score is not None else 0.0))
         return out
 
-    def _move_aside(self, key: str, dest: str, what: str) -> bool:
-        """Rename the entry to ``dest`` and drop its LRU record, atomically; False when it was not there."""
-        pipe = self.client.pipeline(transaction=True)
-        pipe.renamenx(self._k(key), dest)
-        pipe.zrem(self.lru_key, key)
+    def move(self, area: str, name: str, to_area: str, to_name: str):
+        src, dst = self._item(area, name), self._item(to_area, to_name)
+        pipe = self.client.pipeline(transaction=True)  # the rename and the LRU record change together
+        pipe.renamenx(src, dst)
+        if area == ENTRIES:
+            pipe.zrem(self.lru_key, name)
+        if to_area == ENTRIES:
+            pipe.zadd(self.lru_key, {to_name: time.time()})
         try:
-            pipe.execute()
+            res = pipe.execute()
         except self._redis_errors as exc:
             if "no such key" in str(exc).lower():
-                return False
-            raise StorageError(f"cannot {what} entry {key}: {exc}") from exc
-        return True
-
-    def quarantine(self, key: str) -> str:
-        dest = f"{self.prefix}quarantine:{key}:{time.time_ns()}"
-        return dest if self._move_aside(key, dest, "quarantine") else ""
-
-    def quarantined(self) -> list[str]:
-        return sorted(n.decode() if isinstance(n, bytes) else n
-                      for n in self.client.scan_iter(match=f"{self.prefix}quarantine:*"))
+                return None
+            raise StorageError(f"cannot move {area} item {name} to {to_area}: {exc}") from exc
+        return dst if res[0] else None
 
     def close(self) -> None:
         try:
@@ -128,56 +153,43 @@ class RedisBackend(Backend):
             raise StorageError(f"invalid side record name {name!r}")
         return f"{self.prefix}m:{name}"
 
+    def _ref(self, name: str):
+        """(set key, member) of a reference record's name, or None for the other side records."""
+        self._m(name)  # validates
+        parts = name.split("/")
+        if parts[0] == "refs" and len(parts) == 3:
+            return f"{self.prefix}refs:{parts[1]}", parts[2]
+        return None
+
     def meta_set(self, name: str, data: bytes) -> None:
-        self._call("SET", self.client.set, self._m(name), data)
+        ref = self._ref(name)
+        if ref is None:
+            self._call("SET", self.client.set, self._m(name), data)
+        elif data:
+            raise StorageError(f"reference records carry no data ({name})")
+        else:
+            self._call("SADD", self.client.sadd, *ref)
 
     def meta_get(self, name: str):
-        return self._call("GET", self.client.get, self._m(name))
+        ref = self._ref(name)
+        if ref is None:
+            return self._call("GET", self.client.get, self._m(name))
+        return b"" if self._call("SISMEMBER", self.client.sismember, *ref) else None
 
     def meta_delete(self, name: str) -> bool:
-        return bool(self._call("DEL", self.client.delete, self._m(name)))
+        ref = self._ref(name)
+        if ref is None:
+            return bool(self._call("DEL", self.client.delete, self._m(name)))
+        return bool(self._call("SREM", self.client.srem, *ref))
 
     def meta_list(self, folder: str) -> list:
         if not META_FOLDER_RE.match(folder):
             raise StorageError(f"invalid side record folder {folder!r}")
-        pattern = f"{self.prefix}m:{folder}/*"
-        names = self._call("SCAN", lambda: list(self.client.scan_iter(match=pattern, count=1000)))
-        cut = len(self.prefix) + 2 + len(folder) + 1
-        return sorted((n.decode() if isinstance(n, bytes) else n)[cut:] for n in names)
-
-    def _refs_key(self, base: str) -> str:
-        if not META_FOLDER_RE.match(f"refs/{base}"):
-            raise StorageError(f"invalid entry key {base!r}")
-        return f"{self.prefix}refs:{base}"
-
-    def add_ref(self, base: str, ref_id: str) -> None:
-        self._call("SADD", self.client.sadd, self._refs_key(base), ref_id)
-
-    def remove_ref(self, base: str, ref_id: str) -> bool:
-        return bool(self._call("SREM", self.client.srem, self._refs_key(base), ref_id))
-
-    def refs(self, base: str) -> list:
-        members = self._call("SMEMBERS", self.client.smembers, self._refs_key(base))
-        return sorted(m.decode() if isinstance(m, bytes) else m for m in members)
-
-    def ref_bases(self) -> list:
-        pattern = f"{self.prefix}refs:*"
-        names = self._call("SCAN", lambda: list(self.client.scan_iter(match=pattern, count=1000)))
-        cut = len(self.prefix) + len("refs:")
-        return sorted((n.decode() if isinstance(n, bytes) else n)[cut:] for n in names)
-
-    # -- eviction protocol ---------------------------------------------------------------------
-    def hide(self, key: str):
-        token = f"{self.prefix}limbo:{key}:{time.time_ns()}"
-        return token if self._move_aside(key, token, "hide") else None
-
-    def unhide(self, key: str, token) -> None:
-        pipe = self.client.pipeline(transaction=True)
-        pipe.renamenx(token, self._k(key))
-        pipe.zadd(self.lru_key, {key: time.time()})
-        res = self._call("RENAMENX", pipe.execute)
-        if not res[0]:  # rewritten meanwhile: the same bytes for the same key
-            self._call("DEL", self.client.delete, token)
-
-    def drop_hidden(self, token) -> None:
-        self._call("DEL", self.client.delete, token)
+        kind, _, base = folder.partition("/")
+        if kind == "refs" and base:
+            return sorted(_text(m) for m in self._call("SMEMBERS", self.client.smembers, f"{self.prefix}refs:{base}"))
+        if kind == "refs":  # the bases that have records: one set each
+            head = f"{self.prefix}refs:"
+        else:
+            head = f"{self.prefix}m:{folder}/"
+        return sorted({n[len(head):].split("/", 1)[0] for n in self._scan(f"{head}*")} - {""})

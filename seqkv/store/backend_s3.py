@@ -1,26 +1,26 @@
 """S3 backend (``s3://bucket/prefix``) through boto3.
 
-Each entry is one object written by a single ``put_object`` with ``IfNoneMatch="*"`` (a conditional
-create: S3 refuses it when the object exists); where the server ignores the condition, two writers of
-the same key write the same bytes under one name, so nothing is duplicated either.  Last use is kept
-in the object's ``last-used`` metadata, refreshed by an in-place ``copy_object``.
-Side records (reference records, the content index, reuse scores) are small objects under
-``meta/``; an evictor hides an entry by copying it under ``limbo/`` and deleting it.
+Each entry is one object ``entries/<key>`` written by a single ``put_object`` with ``IfNoneMatch="*"`` (a
+conditional create: S3 refuses it when the object exists); where the server ignores the condition, two
+writers of the same key write the same bytes under one name, so nothing is duplicated either.  Last use
+is kept in the object's ``last-used`` metadata, refreshed by an in-place ``copy_object``.  Side records
+are small objects under ``meta/``; an entry is set aside by copying it under ``quarantine/`` or ``limbo/``
+and deleting it (S3 has no rename: a reader may meet it in both places for a moment, never in neither).
 Options: endpoint_url, aws_access_key_id, aws_secret_access_key, region_name (and any other boto3
-client keyword).
+client keyword).  Needs boto3, imported when a backend is opened.
 """
 from __future__ import annotations
 
-import re
 import time
 from urllib.parse import urlparse
 
 from ..errors import StorageError
-from .prefix_store import META_FOLDER_RE, META_NAME_RE, Backend
+from .backend import AREAS, ASIDE_NAME_RE, ENTRIES, KEY_RE, META_FOLDER_RE, META_NAME_RE, Backend, register_backend
 
-_KEY_RE = re.compile(r"^[0-9a-f]{64}$")
+_MISSING = ("NoSuchKey", "404", "NotFound")
 
 
+@register_backend("s3")
 class S3Backend(Backend):
     name = "s3"
 
@@ -43,10 +43,27 @@ class S3Backend(Backend):
         except self._errors as exc:
             raise StorageError(f"cannot create the S3 client: {exc}") from exc
 
+    @classmethod
+    def from_url(cls, url: str, *, fsync: bool = False, **options) -> S3Backend:
+        return cls(url, **options)
+
     def _k(self, key: str) -> str:
-        if not _KEY_RE.match(key):
+        if not KEY_RE.match(key):
             raise StorageError(f"invalid entry key {key!r}")
         return f"{self.prefix}entries/{key}"
+
+    def _head(self, area: str) -> str:
+        """The object key prefix of an area's items (``entries/``, ``quarantine/``, ``limbo/``)."""
+        if area not in AREAS:
+            raise StorageError(f"unknown area {area!r}")
+        return f"{self.prefix}{area}/"
+
+    def _item(self, area: str, name: str) -> str:
+        if area == ENTRIES:
+            return self._k(name)
+        if not ASIDE_NAME_RE.match(name):
+            raise StorageError(f"invalid item {name!r} of area {area!r}")
+        return self._head(area) + name
 
     def _code(self, exc) -> str:
         if isinstance(exc, self._ClientError):
@@ -57,7 +74,7 @@ class S3Backend(Backend):
         try:
             return self.client.get_object(Bucket=self.bucket, Key=object_key)["Body"].read()
         except self._errors as exc:
-            if self._code(exc) in ("NoSuchKey", "404", "NotFound"):
+            if self._code(exc) in _MISSING:
                 return None
             raise StorageError(f"S3 get of {what} failed: {exc}") from exc
 
@@ -69,7 +86,7 @@ class S3Backend(Backend):
             self.client.head_object(Bucket=self.bucket, Key=self._k(key))
             return True
         except self._errors as exc:
-            if self._code(exc) in ("NoSuchKey", "404", "NotFound"):
+            if self._code(exc) in _MISSING:
                 return False
             raise StorageError(f"S3 head of entry {key} failed: {exc}") from exc
 
@@ -92,8 +109,8 @@ class S3Backend(Backend):
         except self._errors as exc:
             raise StorageError(f"S3 delete of {what} failed: {exc}") from exc
 
-    def delete(self, key: str) -> bool:
-        return self._delete_object(self._k(key), f"entry {key}")
+    def delete(self, name: str, area: str = ENTRIES) -> bool:
+        return self._delete_object(self._item(area, name), f"{area} item {name}")
 
     def touch(self, key: str, when: float) -> None:
         k = self._k(key)
@@ -101,7 +118,7 @@ class S3Backend(Backend):
             self.client.copy_object(Bucket=self.bucket, Key=k, CopySource={"Bucket": self.bucket, "Key": k},
                                     Metadata={"last-used": repr(when)}, MetadataDirective="REPLACE")
         except self._errors as exc:
-            if self._code(exc) in ("NoSuchKey", "404", "NotFound"):
+            if self._code(exc) in _MISSING:
                 return
             raise StorageError(f"S3 touch of entry {key} failed: {exc}") from exc
 
@@ -112,39 +129,38 @@ class S3Backend(Backend):
         except self._errors as exc:
             raise StorageError(f"S3 list failed: {exc}") from exc
 
-    def list(self):
+    def list(self, area: str = ENTRIES) -> list:
+        head = self._head(area)
         out = []
-        base = f"{self.prefix}entries/"
-        for obj in self._list_objects(base):
-            key = obj["Key"][len(base):]
-            if not _KEY_RE.match(key):
+        for obj in self._list_objects(head):
+            name, last = obj["Key"][len(head):], obj["LastModified"].timestamp()
+            if area != ENTRIES:
+                out.append((name, int(obj["Size"]), last))
                 continue
-            last = obj["LastModified"].timestamp()
+            if not KEY_RE.match(name):
+                continue
             try:
                 meta = self.client.head_object(Bucket=self.bucket, Key=obj["Key"]).get("Metadata", {})
                 last = float(meta.get("last-used", last))
             except (self._errors, ValueError):
                 continue  # deleted meanwhile
-            out.append((key, int(obj["Size"]), last))
+            out.append((name, int(obj["Size"]), last))
         return out
 
-    def _move_aside(self, key: str, dest: str, what: str) -> bool:
-        """Copy the entry to ``dest``, then delete it; False when it was not there."""
+    def move(self, area: str, name: str, to_area: str, to_name: str):
+        src, dst = self._item(area, name), self._item(to_area, to_name)
+        # back among the entries: like put_if_absent, refuse an entry that exists (where the copy races a
+        # writer, both hold the same bytes for the same key)
+        if to_area == ENTRIES and self.exists(to_name):
+            return None
         try:
-            self.client.copy_object(Bucket=self.bucket, Key=dest, CopySource={"Bucket": self.bucket, "Key": self._k(key)})
+            self.client.copy_object(Bucket=self.bucket, Key=dst, CopySource={"Bucket": self.bucket, "Key": src})
         except self._errors as exc:
-            if self._code(exc) in ("NoSuchKey", "404", "NotFound"):
-                return False
-            raise StorageError(f"cannot {what} entry {key}: {exc}") from exc
-        self.delete(key)
-        return True
-
-    def quarantine(self, key: str) -> str:
-        dest = f"{self.prefix}quarantine/{key}.{time.time_ns()}"
-        return dest if self._move_aside(key, dest, "quarantine") else ""
-
-    def quarantined(self) -> list[str]:
-        return sorted(o["Key"] for o in self._list_objects(f"{self.prefix}quarantine/"))
+            if self._code(exc) in _MISSING:
+                return None
+            raise StorageError(f"cannot move {area} item {name} to {to_area}: {exc}") from exc
+        self._delete_object(src, f"{area} item {name}")
+        return dst
 
     # -- side records ------------------------------------------------------------------------
     def _m(self, name: str) -> str:
@@ -167,24 +183,5 @@ class S3Backend(Backend):
     def meta_list(self, folder: str) -> list:
         if not META_FOLDER_RE.match(folder):
             raise StorageError(f"invalid side record folder {folder!r}")
-        base = f"{self.prefix}meta/{folder}/"
-        return sorted(o["Key"][len(base):] for o in self._list_objects(base))
-
-    def ref_bases(self) -> list:
-        base = f"{self.prefix}meta/refs/"
-        return sorted({o["Key"][len(base):].split("/", 1)[0] for o in self._list_objects(base)} - {""})
-
-    # -- eviction protocol ---------------------------------------------------------------------
-    def hide(self, key: str):
-        token = f"{self.prefix}limbo/{key}.{time.time_ns()}"
-        return token if self._move_aside(key, token, "hide") else None
-
-    def unhide(self, key: str, token) -> None:
-        try:
-            self.client.copy_object(Bucket=self.bucket, Key=self._k(key), CopySource={"Bucket": self.bucket, "Key": token})
-            self.client.delete_object(Bucket=self.bucket, Key=token)
-        except self._errors as exc:
-            raise StorageError(f"cannot restore entry {key}: {exc}") from exc
-
-    def drop_hidden(self, token) -> None:
-        self._delete_object(token, f"hidden entry {token}")
+        head = f"{self.prefix}meta/{folder}/"
+        return sorted({o["Key"][len(head):].split("/", 1)[0] for o in self._list_objects(head)} - {""})

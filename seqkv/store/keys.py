@@ -107,3 +107,8 @@ def content_digest(ids, ns: bytes) -> str:
 def tokens_digest(ids) -> str:
     """sha256 of a chunk's own tokens (checked on every read; the entry may not carry the ids)."""
     return hashlib.sha256(b"seqkv-tokens\x00" + token_bytes(ids)).hexdigest()
+
+
+def positions_digest(pos) -> str:
+    """sha256 of a chunk's positions (checked on every read: a cache stored at other positions is another one)."""
+    return hashlib.sha256(b"seqkv-positions\x00" + np.asarray(pos, dtype="<i8").tobytes()).hexdigest()
