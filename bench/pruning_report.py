@@ -29,8 +29,9 @@ def write_report(json_path: str, out_dir: str) -> str:
         f"`{meta['calibration_text']}` ({meta['calibration_tokens']} tokens), which is not an evaluation text. "
         "SnapKV (window 64, kernel 5) and expected attention (512 future positions, 4 sinks, covariance, value norms) "
         "are reimplementations of kvpress 0.5.5's scorers (kvpress needs transformers < 5.3, so it cannot sit beside "
-        "transformers 5 here); every pruner keeps the same number of tokens per head (kvpress's default) unless "
-        "marked *AdaKV heads* (the layer's budget shared across heads, kvpress's AdaKVPress with a 0.2 safeguard).",
+        "transformers 5 here); every pruner keeps the same number of tokens per head (kvpress's default, `PerHead(scorer, "
+        "ratio=r)`) unless marked *AdaKV heads* (the layer's budget shared across heads, kvpress's AdaKVPress with a 0.2 "
+        "safeguard: `AdaptiveHeads(scorer, ratio=r)`, or `head_budget=\"adaptive\"` in `seqkv.pruner(...)`).",
         "",
         f"Reproduce: `{meta['command']}`" + "".join(f", then `{c}`" for c in meta.get("merged_commands", [])),
         "",
@@ -305,7 +306,8 @@ def _calibrated_section(out_dir, name="pruning_calibrated.json", title="## 4. Pr
              f"Calibrated codec: `seqkv.encode(cache, profile=..., target_kl=t)` with the profile "
              f"`{prof['path']}` ({prof['bytes']} bytes, sha256 {prof['sha256'][:12]}…, shared by every cache of the "
              "model and not counted in the ratios).  Its KLT mixes the heads of a layer, so pruning must keep the same "
-             "positions in every head of a layer (`level=\"layer\"`: scores averaged over the heads); per-head pruning "
+             "positions in every head of a layer (`PerLayer(scorer, ratio=r)`, or `level=\"layer\"` in `seqkv.pruner(...)`: "
+             "scores averaged over the heads); per-head pruning "
              "with a profile is a ConfigError.  With pruning, `target_kl` is the predicted KL of the quantization "
              "only; the measured KL below is the total.  Combined: "
              f"**{meta['calibrated_pruner']}** (the §1/§3 best pruner, at layer level) then the calibrated codec.  "

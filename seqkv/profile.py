@@ -42,6 +42,7 @@ import torch
 
 from .errors import ConfigError, ModelMismatchError
 from .layout import ModelLayout
+from .tri_calibration import TriCalibration
 
 PROFILE_FORMAT = "seqkv-profile"
 PROFILE_VERSION = 1                 # the codec part alone
@@ -270,8 +271,6 @@ def _save(tensors: dict, meta: dict) -> bytes:
 
 def _check_triattention(cal, layout: ModelLayout, what: str) -> None:
     """A TriAttention calibration must fit the model: [layers, query heads, head_dim / 2], finite, E|q| >= 0."""
-    from .pruning.triattention import TriCalibration
-
     if not isinstance(cal, TriCalibration):
         raise ProfileError(f"{what} must be a seqkv.pruning.TriCalibration, got {type(cal).__name__}")
     shape = tuple(cal.mean_re.shape)
@@ -295,8 +294,6 @@ def _check_triattention(cal, layout: ModelLayout, what: str) -> None:
 
 def _read_triattention(meta: dict, tensors: dict, layout: ModelLayout, what: str):
     """The TriCalibration of a version-2 profile; RoPE parameters and fingerprint come from its layout."""
-    from .pruning.triattention import TriCalibration
-
     try:
         tri = meta["triattention"]
         tokens, codec_sha, codec_len = tri["tokens"], tri["codec_sha256"], tri["codec_bytes"]

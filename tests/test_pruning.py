@@ -12,11 +12,10 @@ import seqkv
 from seqkv.checksum import crc32c
 from seqkv.container import MAGIC, PREAMBLE, Container
 from seqkv.errors import AlreadyPrunedError, DecodeError, FormatError, PruneError
-from seqkv.pruning import (StreamingEvictor, continuation_logits, generate, greedy_continue, pruned_state,
-                           registered_pruners)
-from seqkv.pruning.base import select
+from seqkv.model_calls import cache_of, with_cache
+from seqkv.pruning import (StreamingEvictor, TriCalibration, continuation_logits, generate, greedy_continue,
+                           pruned_state, registered_pruners, select)
 from seqkv.pruning.container import decode_kept, encode_kept
-from seqkv.pruning.triattention import TriCalibration
 from seqkv.quality import QualityProbe, clone_cache
 
 from conftest import tiny_model
@@ -41,7 +40,7 @@ def calibration(family="llama"):
 def prefill(family="llama", tokens=TOKENS, dtype=torch.float32, seed=0, **kw):
     model = tiny_model(family, **kw)
     ids = ids_for(tokens + 16, seed)
-    cache = model(ids[:, :tokens], use_cache=True).past_key_values
+    cache = cache_of(model(ids[:, :tokens], use_cache=True))
     if dtype != torch.float32:
         cache = clone_cache(cache, dtype)
     return model, ids, cache
@@ -318,7 +317,7 @@ def test_keeping_everything_changes_nothing(name, head_budget):
     level = "chunk" if name == "chunk" else "token"
     hb = head_budget if level == "token" else "uniform"
     pruned = prune(name, model, ids, cache, ratio=0.0, level=level, head_budget=hb)
-    ref = model(ids[:, TOKENS:], past_key_values=clone_cache(cache), use_cache=True).logits[0]
+    ref = model(ids[:, TOKENS:], use_cache=True, **with_cache(model, clone_cache(cache))).logits[0]
     got = continuation_logits(model, clone_cache(pruned), ids[:, TOKENS:])
     assert torch.allclose(ref, got, atol=1e-5)
 
@@ -365,7 +364,7 @@ def test_ragged_cache_equals_attention_over_kept_keys_only(impl, new_tokens):
     model = tiny_model("llama", layers=1)
     ids = ids_for(TOKENS + 8, seed=3)
     with torch.no_grad():
-        cache = model(ids[:, :TOKENS], use_cache=True).past_key_values
+        cache = cache_of(model(ids[:, :TOKENS], use_cache=True))
     pruned = seqkv.pruner("key_norm", ratio=0.6, head_budget="adaptive").prune(cache)
     state = pruned_state(pruned)
     assert state.ragged
@@ -544,7 +543,7 @@ def test_query_aware_pruner_observes_prefill():
     ids = ids_for(TOKENS)
     p = seqkv.pruner("snapkv", ratio=0.5, window_size=WINDOW)
     with torch.no_grad(), p.observe(model):
-        cache = model(ids, use_cache=True).past_key_values
+        cache = cache_of(model(ids, use_cache=True))
     blob = seqkv.encode(cache, preset="lossless", prune=p, model=model)
     recomputed = make("snapkv", ratio=0.5).prune(cache, model=model, token_ids=ids)
     assert [p.tolist() for p in pruned_state(seqkv.decode(blob)).kept[1]] == [p.tolist() for p in pruned_state(recomputed).kept[1]]

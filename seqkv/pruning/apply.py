@@ -1,35 +1,30 @@
 """Running a pruner over a whole cache: score each layer, select, gather the kept tokens."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ..errors import AlreadyPrunedError, PruneError
 from ..hf_adapter import cache_layers
-from .base import ScoreContext
+from ..layout import layout_from_model
+from ..positions import positions_of
+from .scorer import ScoreContext
 from .state import PruneState, build_pruned_cache, pruned_state
-
-
-def _positions(positions, tokens: int) -> torch.Tensor:
-    from ..codec import _positions_of
-
-    return _positions_of(positions, tokens)
 
 
 @torch.no_grad()
 def prune_cache(pruner, cache, *, model=None, positions=None, token_ids=None, queries=None):
+    """``pruner`` (a policy around a scorer, seqkv.pruning.policy.Pruner) applied to ``cache``."""
     if pruned_state(cache) is not None:
         raise AlreadyPrunedError("this cache was pruned already; prune the original cache instead")
     layers = cache_layers(cache)
     heads, tokens, _ = layers[0][0].shape
-    pos = _positions(positions, tokens)
+    pos = positions_of(positions, tokens)
     n_keep = pruner.kept_count(tokens)
-    layout = None
-    if model is not None:
-        from ..layout import layout_from_model
-
-        layout = layout_from_model(model)
+    layout = layout_from_model(model) if model is not None else None
     if queries is None:
-        queries = getattr(pruner, "observer", None)
+        queries = pruner.observer
     if pruner.query_aware and (queries is None or not queries.queries) and token_ids is not None:
         if model is None:
             raise PruneError(f"pruner {pruner.name!r} needs model= to recompute the queries from token_ids")
@@ -46,9 +41,10 @@ def prune_cache(pruner, cache, *, model=None, positions=None, token_ids=None, qu
     pruner.prepare(cache, ctx, model)
     kept, per_layer = [], []
     for i, (keys, values) in enumerate(layers):
-        scores = pruner.score(i, keys, values, ctx)
-        if scores.shape != (heads, tokens):
-            raise RuntimeError(f"{pruner.name}.score returned {tuple(scores.shape)}, expected {(heads, tokens)}")
+        scores = pruner.scorer.score(keys, values, dataclasses.replace(ctx, layer=i))
+        if tuple(scores.shape) != (heads, tokens):
+            raise PruneError(f"scorer {pruner.name!r} returned scores of shape {tuple(scores.shape)}, "
+                             f"expected [kv_heads, tokens] = {[heads, tokens]}")
         idx = pruner.select(scores, n_keep)
         kept.append([pos[ix] for ix in idx])
         per_layer.append([(keys[h, ix], values[h, ix]) for h, ix in enumerate(idx)])

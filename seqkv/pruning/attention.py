@@ -4,7 +4,7 @@ A pruned cache feeds new tokens at ``state.next_position`` (the unpruned
 length), not at its slot count: :func:`continuation_logits` and
 :func:`greedy_continue` pass ``position_ids`` accordingly.
 
-When heads keep different numbers of tokens (``head_budget="adaptive"``), the
+When heads keep different numbers of tokens (``AdaptiveHeads``, ``head_budget="adaptive"``), the
 rectangular tensors hold zero padding slots.  :func:`pruned_attention` hooks
 every attention module (a forward pre-hook, as kvpress does) and replaces the
 layer's attention mask by a 4-D per-query-head mask ``[1, query_heads, q, kv]``
@@ -19,6 +19,7 @@ from contextlib import contextmanager
 import torch
 
 from ..errors import PruneError
+from ..model_calls import with_cache, with_cache_for_generate
 from .observe import attention_modules
 from .state import pruned_state
 
@@ -82,7 +83,7 @@ def continuation_logits(model, cache, token_ids: torch.Tensor, position: int | N
     start = next_position(cache) if position is None else position
     pos = torch.arange(start, start + ids.shape[1]).unsqueeze(0)
     with pruned_attention(model, cache):
-        out = model(ids, past_key_values=cache, position_ids=pos, use_cache=True)
+        out = model(ids, position_ids=pos, use_cache=True, **with_cache(model, cache))
     return out.logits[0]
 
 
@@ -111,7 +112,8 @@ def true_positions(model, cache):
         pos = kwargs.get("position_ids")
         if pos is None:
             x = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
-            past = kwargs["past_key_values"].get_seq_length() if kwargs.get("past_key_values") is not None else 0
+            given = kwargs.get("cache") if kwargs.get("cache") is not None else kwargs.get("past_key_values")
+            past = given.get_seq_length() if given is not None else 0
             pos = torch.arange(past, past + x.shape[1], device=x.device).unsqueeze(0)
         kwargs["position_ids"] = pos + offset
         return args, kwargs
@@ -138,5 +140,6 @@ def generate(model, cache, input_ids, **generate_kwargs) -> torch.Tensor:
     full = torch.cat([torch.zeros(1, width, dtype=ids.dtype, device=ids.device), ids], dim=1)
     generate_kwargs.setdefault("pad_token_id", getattr(model.generation_config, "pad_token_id", None) or 0)
     with pruned_attention(model, cache), true_positions(model, cache):
-        out = model.generate(full, past_key_values=cache, attention_mask=torch.ones_like(full), **generate_kwargs)
+        out = model.generate(full, attention_mask=torch.ones_like(full), **with_cache_for_generate(model, cache),
+                             **generate_kwargs)
     return out[:, full.shape[1]:]

@@ -1,4 +1,12 @@
-"""Chunk-level pruning: keep whole contiguous spans (long documents, long audio), scored by any pruner."""
+"""Per-head ranks of any scorer's scores: what ``seqkv.pruner("chunk", scorer=...)`` selects spans with.
+
+``HeadRanks(inner)`` replaces each head's scores by their ranks, scaled to [0, 1], so that heads
+with large raw scores do not decide alone when a policy averages the heads (``Chunks``, ``PerLayer``).
+It is registered as ``"chunk"``, the name of the chunk pruner it was part of:
+``seqkv.pruner("chunk", scorer="key_norm", chunk_size=64, ratio=0.5)`` is
+``Chunks(HeadRanks(KeyNorm()), chunk_size=64, ratio=0.5)``, while ``Chunks(KeyNorm(), ...)``
+(``seqkv.pruner("key_norm", level="chunk")``) averages the raw scores.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -6,62 +14,33 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import PruneError
-from .base import Pruner, ScoreContext, pruner, register
-
-
-def select_chunks(token_scores: torch.Tensor, n_keep: int, chunk_size: int) -> torch.Tensor:
-    """Sorted indices of the tokens of the best spans of ``chunk_size`` tokens (mean score),
-    as many whole spans as fit in ``n_keep`` tokens (at least one)."""
-    tokens = token_scores.shape[0]
-    n_chunks = (tokens + chunk_size - 1) // chunk_size
-    padded = torch.full((n_chunks * chunk_size,), float("nan"))
-    padded[:tokens] = token_scores.float()
-    chunk_scores = padded.view(n_chunks, chunk_size).nanmean(1)
-    order = torch.argsort(chunk_scores, descending=True)
-    keep, total = [], 0
-    for c in order.tolist():
-        size = min(chunk_size, tokens - c * chunk_size)
-        if total + size > n_keep and keep:
-            continue
-        keep.append(c)
-        total += size
-        if total >= n_keep:
-            break
-    idx = torch.cat([torch.arange(c * chunk_size, min(tokens, (c + 1) * chunk_size)) for c in sorted(keep)])
-    return idx
+from .key_norm import KeyNorm
+from .scorer import ScoreContext, Scorer, check_scorer, nested_config, register
 
 
 @register
 @dataclass
-class ChunkPruner(Pruner):
-    """``seqkv.pruner("chunk", scorer="key_norm", chunk_size=64, ratio=0.5)``: spans scored by ``scorer``."""
+class HeadRanks(Scorer):
+    scorer: Scorer = field(default_factory=KeyNorm)
 
-    scorer: str = "key_norm"
-    scorer_options: dict = field(default_factory=dict)
-    level: str = "chunk"
-
-    name = "chunk"
-    levels = ("chunk",)
+    id = "chunk"
 
     def __post_init__(self):
-        super().__post_init__()
-        if self.scorer == "chunk":
-            raise PruneError("chunk pruner cannot use itself as its scorer")
-        self.inner = pruner(self.scorer, ratio=0.0, **self.scorer_options)
+        self.scorer = check_scorer(self.scorer, "HeadRanks")
+        if isinstance(self.scorer, HeadRanks):
+            raise PruneError("the chunk pruner cannot use itself as its scorer")
 
     @property
     def query_aware(self) -> bool:  # noqa: D401  (delegates to the scorer)
-        return self.inner.query_aware
+        return self.scorer.query_aware
 
     def get_config(self) -> dict:
-        cfg = super().get_config()
-        cfg["scorer_options"] = {k: v for k, v in self.inner.get_config().items() if k not in ("id", "ratio", "budget")}
-        return cfg
+        inner = nested_config(self.scorer)
+        return {"id": self.id, "scorer": inner.pop("id"), "scorer_options": inner}
 
     def prepare(self, cache, ctx: ScoreContext, model) -> None:
-        self.inner.prepare(cache, ctx, model)
+        self.scorer.prepare(cache, ctx, model)
 
-    def score(self, layer: int, keys: torch.Tensor, values: torch.Tensor, ctx: ScoreContext) -> torch.Tensor:
-        s = self.inner.score(layer, keys, values, ctx).float()
-        # rank-normalise per head so that heads with large raw scores do not decide alone
+    def score(self, keys: torch.Tensor, values: torch.Tensor, ctx: ScoreContext) -> torch.Tensor:
+        s = self.scorer.score(keys, values, ctx).float()
         return torch.argsort(torch.argsort(s, dim=-1), dim=-1).float() / max(1, s.shape[-1] - 1)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import PruneError
-from .base import Pruner, ScoreContext, register
+from .scorer import ScoreContext, Scorer, check_int, register
 
 
 def average_rope_matrix(layout, start: int, count: int) -> torch.Tensor:
@@ -34,15 +34,19 @@ def average_rope_matrix(layout, start: int, count: int) -> torch.Tensor:
 
 @register
 @dataclass
-class ExpectedAttentionPruner(Pruner):
+class ExpectedAttention(Scorer):
     n_future_positions: int = 512
     n_sink: int = 4
     use_covariance: bool = True
     use_vnorm: bool = True
     epsilon: float = 0.0
 
-    name = "expected_attention"
+    id = "expected_attention"
     query_aware = True
+
+    def __post_init__(self):
+        check_int("expected_attention n_future_positions", self.n_future_positions, 1)
+        check_int("expected_attention n_sink", self.n_sink, 0)
 
     def prepare(self, cache, ctx: ScoreContext, model) -> None:
         super().prepare(cache, ctx, model)
@@ -51,8 +55,8 @@ class ExpectedAttentionPruner(Pruner):
         q_len = int(ctx.positions[-1]) + 1
         self._rot = average_rope_matrix(ctx.layout, q_len, self.n_future_positions)
 
-    def score(self, layer: int, keys: torch.Tensor, values: torch.Tensor, ctx: ScoreContext) -> torch.Tensor:
-        q = ctx.queries.queries[layer][:, self.n_sink:]          # [Hq, n, D] pre-RoPE
+    def score(self, keys: torch.Tensor, values: torch.Tensor, ctx: ScoreContext) -> torch.Tensor:
+        q = ctx.queries.queries[ctx.layer][:, self.n_sink:]          # [Hq, n, D] pre-RoPE
         mu = q.mean(dim=1)
         r = self._rot
         mu = mu @ r.T

@@ -5,13 +5,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Pruner, ScoreContext, register
+from .scorer import ScoreContext, Scorer, register
 
 
 @register
 @dataclass
-class KeyNormPruner(Pruner):
-    name = "key_norm"
+class KeyNorm(Scorer):
+    id = "key_norm"
 
-    def score(self, layer: int, keys: torch.Tensor, values: torch.Tensor, ctx: ScoreContext) -> torch.Tensor:
+    def score(self, keys: torch.Tensor, values: torch.Tensor, ctx: ScoreContext) -> torch.Tensor:
         return -keys.float().norm(dim=-1)

@@ -13,6 +13,10 @@ from dataclasses import dataclass
 
 from .. import codec
 from ..errors import ConfigError
+from .per_head import PerHead
+from .per_layer import PerLayer
+from .sinks_window import SinksWindow
+from .snapkv import SnapKV
 
 CODEC_TARGET_KLS = (0.003, 0.01, 0.03, 0.1)   # the calibrated codec's quantization targets tried by default
 
@@ -34,21 +38,19 @@ def smallest_within(probe, model, target_kl: float, pruner_factory=None, prune_r
     """``(best, tried)``: the smallest container of ``probe.cache`` whose mean KL is at most ``target_kl``
     (``None`` when no candidate meets it), and every measured :class:`OperatingPoint`.
 
-    ``pruner_factory(ratio)`` builds the pruner for a prune ratio (default: ``snapkv`` when ``queries``
-    are given, else ``sinks_window``; with a profile at ``level="layer"``, since the calibrated codec
-    needs every head of a layer to keep the same positions); ``queries`` is the prefill's
+    ``pruner_factory(ratio)`` builds the pruner for a prune ratio (default: ``PerHead(SnapKV(), ratio=ratio)``
+    when ``queries`` are given, else ``PerHead(SinksWindow(), ...)``; with a profile ``PerLayer(...)``, since
+    the calibrated codec needs every head of a layer to keep the same positions); ``queries`` is the prefill's
     QueryObserver for query-aware pruners.  Without a profile the quantization knob is ``preset`` at
     each of ``steps``; with ``profile=`` it is the calibrated codec at each of ``codec_target_kls``,
     or at each of ``scales`` when given.
     """
-    from .base import pruner
-
     if not target_kl > 0:
         raise ConfigError(f"target_kl must be > 0, got {target_kl!r}")
     if pruner_factory is None:
-        name = "snapkv" if queries is not None else "sinks_window"
-        level = {} if profile is None else {"level": "layer"}
-        pruner_factory = lambda r: pruner(name, ratio=r, **level)  # noqa: E731
+        scorer = SnapKV() if queries is not None else SinksWindow()
+        policy = PerHead if profile is None else PerLayer
+        pruner_factory = lambda r: policy(scorer, ratio=r)  # noqa: E731
     if profile is None:
         knobs = [({"preset": preset, "step": s}, {"step": s}) for s in steps]
     elif scales is not None:

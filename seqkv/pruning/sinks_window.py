@@ -5,17 +5,20 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Pruner, ScoreContext, register
+from .scorer import ScoreContext, Scorer, check_int, register
 
 
 @register
 @dataclass
-class SinksWindowPruner(Pruner):
+class SinksWindow(Scorer):
     n_sink: int = 4
 
-    name = "sinks_window"
+    id = "sinks_window"
 
-    def score(self, layer: int, keys: torch.Tensor, values: torch.Tensor, ctx: ScoreContext) -> torch.Tensor:
+    def __post_init__(self):
+        check_int("sinks_window n_sink", self.n_sink, 0)
+
+    def score(self, keys: torch.Tensor, values: torch.Tensor, ctx: ScoreContext) -> torch.Tensor:
         heads, tokens, _ = keys.shape
         s = torch.arange(tokens, dtype=torch.float32)   # recency
         s[:self.n_sink] = tokens + 1.0                   # sinks above every recent token

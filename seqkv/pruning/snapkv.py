@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..errors import PruneError
 from ..stages.rope import apply_rope
-from .base import Pruner, ScoreContext, register
+from .scorer import ScoreContext, Scorer, check_int, register
 
 
 def rope_queries(q_pre: torch.Tensor, positions: torch.Tensor, layout) -> torch.Tensor:
@@ -27,22 +27,27 @@ def rope_queries(q_pre: torch.Tensor, positions: torch.Tensor, layout) -> torch.
 
 @register
 @dataclass
-class SnapKVPruner(Pruner):
+class SnapKV(Scorer):
     window_size: int = 64
     kernel_size: int = 5
 
-    name = "snapkv"
+    id = "snapkv"
     query_aware = True
+
+    def __post_init__(self):
+        check_int("snapkv window_size", self.window_size, 1)
+        if check_int("snapkv kernel_size", self.kernel_size, 1) % 2 == 0:
+            raise PruneError(f"snapkv kernel_size must be odd (a centred pooling window), got {self.kernel_size}")
 
     def prepare(self, cache, ctx: ScoreContext, model) -> None:
         super().prepare(cache, ctx, model)
         if ctx.positions.numel() <= self.window_size:
             raise PruneError(f"snapkv: the cache has {ctx.positions.numel()} tokens, not more than window_size={self.window_size}")
 
-    def score(self, layer: int, keys: torch.Tensor, values: torch.Tensor, ctx: ScoreContext) -> torch.Tensor:
+    def score(self, keys: torch.Tensor, values: torch.Tensor, ctx: ScoreContext) -> torch.Tensor:
         kv_heads, k_len, dim = keys.shape
         w = self.window_size
-        q = rope_queries(ctx.queries.queries[layer][:, -w:], ctx.positions[-w:], ctx.layout)
+        q = rope_queries(ctx.queries.queries[ctx.layer][:, -w:], ctx.positions[-w:], ctx.layout)
         groups = q.shape[0] // kv_heads
         k = keys.float().repeat_interleave(groups, dim=0)
         attn = q @ k.transpose(1, 2) / math.sqrt(dim)

@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import EncodeError
+from ..hf_adapter import build_cache, cache_layers
+
 ATTR = "seqkv_pruned"
 
 
@@ -57,8 +60,6 @@ def attach(cache, state: PruneState):
 
 def build_pruned_cache(per_layer, state: PruneState, device=None):
     """A DynamicCache from per layer, per head ``(keys [n, D], values [n, D])`` lists, zero-padded to the width."""
-    from ..hf_adapter import build_cache
-
     layers = []
     for heads in per_layer:
         dim = heads[0][0].shape[-1]
@@ -78,14 +79,11 @@ def ragged_layers(cache):
     Tokens appended after pruning (a continued generation) follow the pruned slots
     in every head, at positions ``next_position, next_position + 1, ...``.
     """
-    from ..hf_adapter import cache_layers
-
     state = pruned_state(cache)
     layers = cache_layers(cache)
     total = layers[0][0].shape[1]
     extra = total - state.width
     if extra < 0 or len(layers) != len(state.kept):
-        from ..errors import EncodeError
         raise EncodeError("the pruned cache no longer matches its pruning record (was it cropped or edited?)")
     appended = torch.arange(state.next_position, state.next_position + extra, dtype=torch.int64)
     out = []

@@ -1,6 +1,7 @@
 """TriAttention (arXiv 2604.04921): key-only scoring from calibrated pre-RoPE query centres.
 
-Calibrated once per model (:meth:`TriAttentionPruner.calibrate`): for every
+Calibrated once per model (:func:`calibrate`, or :meth:`TriAttention.calibrate`; the centres are a
+:class:`seqkv.tri_calibration.TriCalibration`): for every
 layer, query head and RoPE frequency band ``f`` (channel pair ``(f, f + D/2)``
 read as the complex number ``q_f``), the centre ``E[q_f]`` and the mean
 magnitude ``E|q_f|``.  A key ``k`` at position ``p`` (pre-RoPE ``k_f``) scores,
@@ -15,78 +16,26 @@ For GQA, each query head's score is z-normalised over the tokens and the max
 over the heads of a KV group is taken.  The first ``n_sink`` tokens are always kept.
 No model is needed at pruning time: the calibration carries the RoPE frequencies.
 
-The calibration is saved as safetensors (no pickle) with a versioned header.
+The calibration is saved as safetensors (no pickle) with a versioned header, alone or in a model profile.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import ConfigError, PruneError
+from ..layout import layout_from_model
+from ..profile import Profile
 from ..stages.rope import remove_rope
-from .base import Pruner, ScoreContext, register
-
-CALIBRATION_FORMAT = "seqkv.triattention.calibration"
-CALIBRATION_VERSION = 1
-
-
-@dataclass
-class TriCalibration:
-    mean_re: torch.Tensor      # [layers, query_heads, D/2]
-    mean_im: torch.Tensor
-    mean_abs: torch.Tensor
-    inv_freq: torch.Tensor     # [D/2]
-    attention_scaling: float = 1.0
-    fingerprint: str = ""
-    tokens: int = 0
-
-    def digest(self) -> str:
-        h = hashlib.sha256()
-        for t in (self.mean_re, self.mean_im, self.mean_abs, self.inv_freq):
-            h.update(t.float().contiguous().numpy().tobytes())
-        return h.hexdigest()
-
-    def save(self, path: str) -> None:
-        from safetensors.torch import save_file
-
-        meta = {"format": CALIBRATION_FORMAT, "version": str(CALIBRATION_VERSION), "fingerprint": self.fingerprint,
-                "tokens": str(self.tokens), "attention_scaling": json.dumps(self.attention_scaling)}
-        save_file({"mean_re": self.mean_re.contiguous(), "mean_im": self.mean_im.contiguous(),
-                   "mean_abs": self.mean_abs.contiguous(), "inv_freq": self.inv_freq.contiguous()}, path, metadata=meta)
-
-    @classmethod
-    def load(cls, path: str) -> "TriCalibration":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(path, framework="pt") as f:
-                meta = f.metadata() or {}
-                if meta.get("format") != CALIBRATION_FORMAT:
-                    raise ConfigError(f"{path} is not a TriAttention calibration file")
-                if meta.get("version") != str(CALIBRATION_VERSION):
-                    raise ConfigError(f"{path}: calibration version {meta.get('version')!r} is not supported "
-                                      f"(this seqkv reads version {CALIBRATION_VERSION})")
-                t = {k: f.get_tensor(k) for k in ("mean_re", "mean_im", "mean_abs", "inv_freq")}
-        except (OSError, KeyError, ValueError) as exc:
-            if isinstance(exc, ConfigError):
-                raise
-            raise ConfigError(f"cannot read the TriAttention calibration {path}: {exc}") from None
-        out = cls(**t, attention_scaling=float(json.loads(meta.get("attention_scaling", "1.0"))),
-                  fingerprint=meta.get("fingerprint", ""), tokens=int(meta.get("tokens", "0")))
-        if not (out.mean_re.shape == out.mean_im.shape == out.mean_abs.shape and out.mean_re.dim() == 3
-                and out.inv_freq.shape == (out.mean_re.shape[2],)):
-            raise ConfigError(f"{path}: calibration tensors have inconsistent shapes")
-        return out
+from ..tri_calibration import TriCalibration
+from .observe import QueryObserver
+from .scorer import ScoreContext, Scorer, check_int, register
 
 
 def resolve_calibration(cal):
     """A TriCalibration from a TriCalibration, a model profile that carries one, or a path to either file."""
-    from ..profile import Profile
-
     if isinstance(cal, (str, os.PathLike)):
         path = os.fspath(cal)
         try:
@@ -96,10 +45,7 @@ def resolve_calibration(cal):
                 raise
         cal = Profile.load(path)   # a model profile (version 2) carries one
     if isinstance(cal, Profile):
-        if cal.triattention is None:
-            raise PruneError("this model profile has no TriAttention calibration: make one with "
-                             "`seqkv calibrate --add-triattention PROFILE -o OUT` or Profile.with_triattention(...)")
-        return cal.triattention
+        return TriCalibration.from_profile(cal)
     if cal is not None and not isinstance(cal, TriCalibration):
         raise PruneError(f"calibration must be a TriCalibration, a seqkv.Profile or a path, got {type(cal).__name__}")
     return cal
@@ -113,9 +59,6 @@ def _complex(x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def calibrate(model, token_ids_list, skip_first: int = 4) -> TriCalibration:
     """Query centres of ``model`` over the given texts (each a 1-D or [1, n] tensor of token ids)."""
-    from ..layout import layout_from_model
-    from .observe import QueryObserver
-
     layout = layout_from_model(model)
     if not layout.has_rope:
         raise ConfigError("TriAttention needs a RoPE model")
@@ -140,23 +83,27 @@ def calibrate(model, token_ids_list, skip_first: int = 4) -> TriCalibration:
 
 @register
 @dataclass
-class TriAttentionPruner(Pruner):
+class TriAttention(Scorer):
     offsets: tuple = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
     n_sink: int = 4
     window: int = 0          # the last `window` tokens are always kept
     use_norm: bool = True
     calibration: object = field(default=None, repr=False)   # TriCalibration, a seqkv.Profile carrying one, or a path to either
 
-    name = "triattention"
+    id = "triattention"
 
     def __post_init__(self):
-        super().__post_init__()
-        self.offsets = tuple(int(d) for d in self.offsets)
+        try:
+            self.offsets = tuple(int(d) for d in self.offsets)
+        except (TypeError, ValueError):
+            self.offsets = ()
         if not self.offsets or min(self.offsets) < 0:
             raise PruneError("offsets must be a non-empty list of non-negative ints")
+        check_int("triattention n_sink", self.n_sink, 0)
+        check_int("triattention window", self.window, 0)
         self.calibration = resolve_calibration(self.calibration)
 
-    def calibrate(self, model, token_ids_list) -> "TriAttentionPruner":
+    def calibrate(self, model, token_ids_list) -> "TriAttention":
         self.calibration = calibrate(model, token_ids_list)
         return self
 
@@ -181,8 +128,8 @@ class TriAttentionPruner(Pruner):
         phases = torch.tensor(self.offsets, dtype=torch.float64)[:, None] * cal.inv_freq.double()[None, :]
         self._offset_phase = torch.complex(phases.cos().mean(0), phases.sin().mean(0)).to(torch.complex64)  # [F]
 
-    def score(self, layer: int, keys: torch.Tensor, values: torch.Tensor, ctx: ScoreContext) -> torch.Tensor:
-        cal = self.calibration
+    def score(self, keys: torch.Tensor, values: torch.Tensor, ctx: ScoreContext) -> torch.Tensor:
+        cal, layer = self.calibration, ctx.layer
         kv_heads, tokens, _ = keys.shape
         pos = ctx.positions
         k = _complex(remove_rope(keys.float(), pos, cal.inv_freq, cal.attention_scaling))      # [H, T, F]
