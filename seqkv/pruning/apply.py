@@ -5,14 +5,9 @@ import torch
 
 from ..errors import AlreadyPrunedError, PruneError
 from ..hf_adapter import cache_layers
+from ..positions import positions_of
 from .base import ScoreContext
 from .state import PruneState, build_pruned_cache, pruned_state
-
-
-def _positions(positions, tokens: int) -> torch.Tensor:
-    from ..codec import _positions_of
-
-    return _positions_of(positions, tokens)
 
 
 @torch.no_grad()
@@ -21,7 +16,7 @@ def prune_cache(pruner, cache, *, model=None, positions=None, token_ids=None, qu
         raise AlreadyPrunedError("this cache was pruned already; prune the original cache instead")
     layers = cache_layers(cache)
     heads, tokens, _ = layers[0][0].shape
-    pos = _positions(positions, tokens)
+    pos = positions_of(positions, tokens)
     n_keep = pruner.kept_count(tokens)
     layout = None
     if model is not None:

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DecodeError, ModelMismatchError, StorageError
+from ..positions import positions_of
 from . import keys as _keys
 
 MAGIC = b"SKVSTORE\x01"
@@ -305,7 +306,7 @@ class PrefixStore:
                  profile=None, **backend_options):
         from seqkv_ext.trie import TokenTrie
 
-        from ..codec import _Pipeline
+        from ..format.pipeline import Pipeline
         from ..layout import layout_from_model
         from ..presets import PRESETS, pipeline_config as make_pipeline_config
         from .chunking import CHUNKINGS
@@ -334,7 +335,7 @@ class PrefixStore:
         elif pipeline_config is not None:
             if codec_options:
                 raise ConfigError("give codec_options or pipeline_config, not both")
-            if _Pipeline(pipeline_config).needs_profile:  # validates
+            if Pipeline(pipeline_config).needs_profile:  # validates
                 raise ConfigError("this pipeline reads a calibrated profile: pass profile= (and codec_options={'scale': s})")
             cfg = json.loads(json.dumps(pipeline_config))
             preset = cfg.get("preset", "custom") if isinstance(cfg.get("preset"), str) else "custom"
@@ -518,7 +519,6 @@ class PrefixStore:
     # -- put ------------------------------------------------------------------------------------
     def put(self, token_ids, cache, *, positions=None) -> dict:
         """Store ``cache`` (a batch-1 DynamicCache of ``token_ids``); only missing chunks are written."""
-        from ..codec import _positions_of
         from ..hf_adapter import SUPPORTED_DTYPES, cache_layers
         from .chunk_codec import encode_chunk
 
@@ -535,7 +535,7 @@ class PrefixStore:
 
         layout = self.layout or ModelLayout(layers=len(layers), kv_heads=layers[0][0].shape[0],
                                             head_dim=layers[0][0].shape[2], rope_type="unknown")
-        pos_t = _positions_of(positions, n)
+        pos_t = positions_of(positions, n)
         pos = pos_t.tolist()
         dtype = SUPPORTED_DTYPES[layers[0][0].dtype]
         ns = self.namespace(dtype)
@@ -685,7 +685,6 @@ class PrefixStore:
         every dtype is tried and the longest match wins.  ``positions`` (default 0, 1, 2, ...) must
         match the stored positions.
         """
-        from ..codec import _positions_of
         from ..hf_adapter import SUPPORTED_DTYPES, build_cache
 
         ids = _keys.token_array(token_ids)
@@ -693,7 +692,7 @@ class PrefixStore:
         if len(ids) == 0:
             return 0, None
         self.reuse_trie.insert(ids)
-        pos = _positions_of(positions, len(ids)).tolist()
+        pos = positions_of(positions, len(ids)).tolist()
         if dtype is None:
             dtypes = ([self._last_dtype] if self._last_dtype else []) + [d for d in DTYPE_NAMES if d != self._last_dtype]
         else:
