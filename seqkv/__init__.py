@@ -1,7 +1,7 @@
 """seqkv: compress transformer KV caches into small, self-describing byte strings and back."""
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402,F401
 
 from .codec import decode, encode, inspect, token_positions  # noqa: E402
 from .calibrate import calibrate  # noqa: E402

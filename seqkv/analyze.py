@@ -23,9 +23,12 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from .codec import KINDS, _Parsed, encode, section_name
+from .codec import encode
+from .format import open_container
+from .format.pipeline import KINDS, section_name
+from .hf_adapter import cache_layers
 from .errors import ConfigError
-from .stages.base import TensorContext
+from .stages.base import CodingState, TensorContext
 from .stages.klt import KLTransform, rows_of
 from .stages.rope import PreRope
 
@@ -108,7 +111,7 @@ def column_entropy_bits(columns: np.ndarray, clip: int = ESTIMATE_CLIP) -> np.nd
     return -terms.sum(axis=1)
 
 
-def _conditional_entropy_bits(columns: np.ndarray) -> float:
+def conditional_entropy_bits(columns: np.ndarray) -> float:
     """sum over rows of the plug-in H(x_t | x_{t-1}) * (T - 1) + H(x_0) (bits), rows of an int array."""
     rows, tokens = columns.shape
     if tokens < 2:
@@ -121,7 +124,7 @@ def _conditional_entropy_bits(columns: np.ndarray) -> float:
     return float((joint - prev).sum()) + float(column_entropy_bits(c[:, :1]).sum())
 
 
-def _gauss_rate(var: torch.Tensor, dist: torch.Tensor) -> float:
+def gauss_rate(var: torch.Tensor, dist: torch.Tensor) -> float:
     """sum_c max(0, 1/2 log2(var_c / D_c)) (bits per vector)."""
     ratio = (var / dist.clamp_min(1e-30)).clamp_min(1.0)
     return float(0.5 * torch.log2(ratio).sum())
@@ -153,28 +156,27 @@ def analyze(cache_or_data, *, profile=None, model=None, original=None, **encode_
     else:
         original = cache_or_data
         data = encode(cache_or_data, profile=profile, model=model, **encode_kwargs)
-    parsed = _Parsed(data)
-    if parsed.pipeline.lossless:
+    reader = open_container(data)
+    h = reader.header
+    if reader.pipeline.lossless:
         raise ConfigError("analyze() explains lossy containers; a lossless one has no quantized symbols")
-    if parsed.pruning is not None:
+    if reader.pruned:
         raise ConfigError("analyze() explains unpruned containers only; analyze the cache before pruning")
-    parsed.use_profile(profile)
-    basis = parsed.profile or profile  # the KLT the Gaussian columns are measured in
+    reader.use_profile(profile)
+    basis = reader.profile or profile  # the KLT the Gaussian columns are measured in
     if basis is not None:
-        basis.check_model(parsed.layout)
-    from .hf_adapter import cache_layers
-
+        basis.check_model(h.layout)
     orig_layers = cache_layers(original) if original is not None else None
-    sizes = parsed.container.section_sizes()
-    elements = parsed.heads * parsed.tokens * parsed.dim
-    itemsize = torch.empty(0, dtype=getattr(torch, parsed.dtype)).element_size()
+    sizes = reader.section_sizes()
+    elements = h.kv_heads * h.tokens * h.head_dim
+    itemsize = torch.empty(0, dtype=getattr(torch, h.dtype)).element_size()
     out = []
     prev_rows = {}
-    for i in range(parsed.layers):
+    for i in range(h.layers):
         symbols = {}
-        decoded = parsed.decode_layer(i, symbols_out=symbols)
+        decoded = reader.layer(i, symbols_out=symbols)
         for kind, dec in zip(KINDS, decoded):
-            ctx = TensorContext(layer=i, kind=kind, positions=parsed.positions, layout=parsed.layout)
+            ctx = TensorContext(layer=i, kind=kind, positions=reader.positions, layout=h.layout)
             parts = symbols[(i, kind)]
             sinks = parts.sinks.shape[1]
             sym_cols = np.ascontiguousarray(parts.symbols.transpose(0, 2, 1)).reshape(-1, parts.symbols.shape[1]).astype(np.int64)
@@ -192,29 +194,29 @@ def analyze(cache_or_data, *, profile=None, model=None, original=None, **encode_
                     zd = _klt_rows(dec.float(), ctx, basis)[sinks:]
                     dist = (z - zd).pow(2).mean(0)
                     var = z.var(0)
-                    rd = _gauss_rate(var, dist) * z.shape[0] / elements
+                    rd = gauss_rate(var, dist) * z.shape[0] / elements
                     # a predictor that does worse than none on held-out tokens would not be used: min()
-                    rd_tok = _gauss_rate(torch.minimum(var, _holdout_residual_var(z[1:], zd[:-1])), dist) * z.shape[0] / elements
+                    rd_tok = gauss_rate(torch.minimum(var, _holdout_residual_var(z[1:], zd[:-1])), dist) * z.shape[0] / elements
                     rd_layer = rd
                     if kind in prev_rows:
-                        rd_layer = _gauss_rate(torch.minimum(var, _holdout_residual_var(z, prev_rows[kind])), dist) * z.shape[0] / elements
+                        rd_layer = gauss_rate(torch.minimum(var, _holdout_residual_var(z, prev_rows[kind])), dist) * z.shape[0] / elements
                     prev_rows[kind] = zd  # the codec predicts from the previous layer's KLT reconstruction
             out.append(TensorAnalysis(
                 layer=i, kind=kind, coded=section_bits / elements, sink=sink_bits / elements,
                 symbol_bits=8 * parts.coder_bytes / elements,
                 h_iid=float(column_entropy_bits(sym_cols).sum()) / elements,
                 h_coded_symbols=float(column_entropy_bits(res_cols).sum()) / elements,
-                h_cond_prev_token=_conditional_entropy_bits(sym_cols) / elements,
+                h_cond_prev_token=conditional_entropy_bits(sym_cols) / elements,
                 gauss_rd=rd, gauss_rd_prev_token=rd_tok, gauss_rd_prev_layer=rd_layer, mse=mse))
-    total = parsed.container.total_bytes
-    rc = parsed.rate_control or {}
-    return Analysis(tensors=out, ratio=2 * 2 * parsed.layers * elements / total,
-                    bits_per_element=8 * total / (2 * parsed.layers * elements),
+    total = reader.total_bytes
+    rc = h.rate_control or {}
+    return Analysis(tensors=out, ratio=2 * 2 * h.layers * elements / total,
+                    bits_per_element=8 * total / (2 * h.layers * elements),
                     predicted_kl=rc.get("predicted_kl") if isinstance(rc, dict) else None)
 
 
 def _klt_rows(x: torch.Tensor, ctx: TensorContext, profile) -> torch.Tensor:
     """A cached tensor [H, T, D] -> its KLT coefficients [T, H*D] in ``profile``'s basis (the codec's own stages)."""
     klt_ctx = TensorContext(layer=ctx.layer, kind=ctx.kind, positions=ctx.positions, layout=ctx.layout,
-                            extra={"profile": profile})
+                            state=CodingState(profile=profile))
     return rows_of(KLTransform().forward(PreRope().forward(x, klt_ctx), klt_ctx))

@@ -22,6 +22,7 @@ import datetime
 
 import torch
 
+from .codec import decode, encode, inspect
 from .errors import ConfigError
 from .layout import layout_from_model
 from .model_calls import cache_of
@@ -145,8 +146,6 @@ def calibrate(model, texts_or_token_ids, *, tokenizer=None, prompt_len: int = 20
     ``kl_gain`` are measured on every sequence with at least 64 + ``continuation_len`` + 1
     tokens (the first one must have them).  ``info`` adds facts to the profile's ``info`` (e.g. text names).
     """
-    from .codec import decode, encode, inspect  # late: codec imports the profile stages
-
     seqs = _token_sequences(texts_or_token_ids, tokenizer)
     if not isinstance(sink_tokens, int) or isinstance(sink_tokens, bool) or not 0 <= sink_tokens <= 64:
         raise ConfigError(f"sink_tokens must be an int in [0, 64], got {sink_tokens!r}")

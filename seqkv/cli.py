@@ -337,7 +337,7 @@ def cmd_eval(args) -> int:
 
         import torch
 
-        from . import __version__
+        from .version import __version__
 
         preamble = (
             "# seqkv results\n\n"

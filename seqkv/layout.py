@@ -156,3 +156,25 @@ def layout_from_model(model_or_config) -> ModelLayout:
         fingerprint=architecture_fingerprint(config),
         weights_digest=weights_digest(model_or_config) if hasattr(model_or_config, "get_input_embeddings") else "",
     )
+
+
+def layout_for_cache(model, config, layers, lossless: bool) -> ModelLayout:
+    """The layout of the model (or config) ``layers`` came from, checked against their shapes; a lossless
+    encode may go without a model (its layout then carries no RoPE parameters)."""
+    if model is not None or config is not None:
+        layout = layout_from_model(model if model is not None else config)
+    elif lossless:
+        heads, _, dim = layers[0][0].shape
+        layout = ModelLayout(layers=len(layers), kv_heads=heads, head_dim=dim, rope_type="unknown")
+    else:
+        raise ConfigError(
+            "lossy presets move keys to pre-RoPE and need the model's RoPE parameters: "
+            "pass model= (or config=) to encode, or use preset='lossless'"
+        )
+    heads, _, dim = layers[0][0].shape
+    if (layout.layers, layout.kv_heads, layout.head_dim) != (len(layers), heads, dim):
+        raise ModelMismatchError(
+            f"the cache has {len(layers)} layers x {heads} KV heads x head_dim {dim}, but the model has "
+            f"{layout.layers} x {layout.kv_heads} x {layout.head_dim}: it comes from a different model"
+        )
+    return layout

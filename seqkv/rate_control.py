@@ -21,10 +21,9 @@ from dataclasses import dataclass
 import torch
 
 from .errors import ConfigError, EncodeError
-from .stages.base import TensorContext
-from .stages.quantize_uniform import quantize_symbols
+from .stages.base import CodingState, TensorContext
 from .stages.quantize_klt import (
-    MAX_SCALE, MIN_SCALE, component_steps, cross_layer_prediction, remember_reconstruction, weighted_mse,
+    MAX_SCALE, MIN_SCALE, component_steps, quantize_components, cross_layer_prediction, remember_reconstruction, weighted_mse,
 )
 
 DEFAULT_TARGET_KL = 0.01
@@ -71,10 +70,10 @@ def quantization_error(z_body: torch.Tensor, part, scale: float, rounding: float
     if tokens == 0:
         return 0.0, z_body
     steps = component_steps(part, scale, heads, dim)
-    recon = quantize_symbols(z_body, steps, rounding) * steps[:, None, :]
+    _q, recon = quantize_components(z_body, steps, rounding)
     if pred is not None:
         use = ((z_body - pred).pow(2).mean(1) < z_body.pow(2).mean(1))[:, None, :]
-        recon_res = quantize_symbols(z_body - pred, steps, rounding) * steps[:, None, :] + pred
+        recon_res = quantize_components(z_body - pred, steps, rounding)[1] + pred
         recon = torch.where(use, recon_res, recon)
     return weighted_mse(z_body, recon, part), recon
 
@@ -85,11 +84,11 @@ def predicted_kl(profile, bodies: dict, scale: float, rounding: float, cross_lay
     chaining cross-layer predictions the way the quantizer does.  ``positions`` ({(layer, kind): [T]}):
     the tokens' positions, for pruned caches whose layers keep different tokens."""
     mse = {}
-    chain: dict = {}
+    state = CodingState(profile=profile, chain={})
     for (layer, kind), z in bodies.items():
         part = profile.parts[(layer, kind)]
         pos = None if positions is None else positions[(layer, kind)]
-        ctx = TensorContext(layer=layer, kind=kind, positions=pos, layout=profile.layout, extra={"chain": chain})
+        ctx = TensorContext(layer=layer, kind=kind, positions=pos, layout=profile.layout, state=state)
         pred = cross_layer_prediction(part, ctx, z.shape) if cross_layer else None
         mse[(layer, kind)], recon = quantization_error(z, part, scale, rounding, pred)
         remember_reconstruction(ctx, recon)

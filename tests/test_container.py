@@ -3,13 +3,13 @@ import json
 
 import pytest
 
-from seqkv.container import MAGIC, MAX_HEADER_BYTES, PREAMBLE, Container, write_container
+from seqkv.format.container import MAGIC, MAX_HEADER_BYTES, PREAMBLE, Container, pack_container
 from seqkv.checksum import crc32c
 from seqkv.errors import ChecksumError, FormatError, UnsupportedVersionError
 
 
 def make(sections=(("a", b"hello"), ("b", b""), ("c", b"world!"))):
-    return write_container({"x": 1}, list(sections))
+    return pack_container({"x": 1}, list(sections), 0, 0)
 
 
 def test_round_trip_sections():

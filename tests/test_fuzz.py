@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import seqkv
 from seqkv.checksum import crc32c
-from seqkv.container import FLAG_PRUNED, MAGIC, PREAMBLE, Container
+from seqkv.format.container import FLAG_PRUNED, MAGIC, PREAMBLE, Container
 from seqkv.errors import DecodeError
 from seqkv.profile import ProfileMismatchError
 

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import seqkv
-from seqkv.analyze import _conditional_entropy_bits, _gauss_rate, column_entropy_bits
+from seqkv.analyze import conditional_entropy_bits, gauss_rate, column_entropy_bits
 from seqkv.errors import ConfigError, EncodeError, FormatError, ModelMismatchError
 from seqkv.profile import Profile, ProfileError, ProfileMismatchError
 from seqkv.rate_control import BPE_TOLERANCE, KL_TOLERANCE, MAX_BYTES_SLACK
@@ -62,8 +62,8 @@ def test_calibrated_decode_gives_contiguous_tensors_and_encoder_reconstruction()
     """The decoder chains the encoder's own floats: decoding reproduces what the encoder reconstructed
     (up to the fp32 -> dtype rounding), and hands over [H, T, D] contiguous tensors like any cache."""
     import seqkv
-    from seqkv.codec import _Pipeline
-    from seqkv.stages.base import TensorContext
+    from seqkv.format import Pipeline
+    from seqkv.stages.base import CodingState, TensorContext
 
     profile = tiny_profile()
     model, cache = tiny_cache("llama", tokens=60, dtype=torch.float32)
@@ -71,14 +71,16 @@ def test_calibrated_decode_gives_contiguous_tensors_and_encoder_reconstruction()
     out = seqkv.decode(blob, profile=profile)
     assert seqkv.encode(cache, profile=profile, scale=0.05) == blob  # deterministic
     info = seqkv.inspect(blob)
-    pipeline = _Pipeline(info["pipeline"])
-    chain, positions = {}, torch.arange(60)
+    pipeline = Pipeline(info["pipeline"])
+    positions = torch.arange(60)
+    state = CodingState(profile=profile, chain={}, scale=info["rate_control"]["scale"])
+    chain = state.chain
     for i, layer in enumerate(out.layers):
         for kind in ("keys", "values"):
             got = getattr(layer, kind)
             assert got.is_contiguous() and got.shape == (1, 2, 60, 16)
             ctx = TensorContext(layer=i, kind=kind, positions=positions, layout=profile.layout,
-                                extra={"profile": profile, "chain": chain, "scale": info["rate_control"]["scale"]})
+                                state=state)
             x = getattr(cache.layers[i], kind)[0]
             pipeline.code(x, pipeline.transform(x, ctx), ctx)  # the encoder's pass, which fills the chain
             recon = chain[kind][1]  # [H*D, T - sinks], what the encoder predicts the next layer from
@@ -278,7 +280,7 @@ def test_analyze_refuses_lossless():
 def test_gauss_rate_matches_the_formula():
     var = torch.tensor([4.0, 1.0, 0.25])
     dist = torch.tensor([1.0, 1.0, 1.0])
-    assert _gauss_rate(var, dist) == pytest.approx(0.5 * np.log2(4.0))
+    assert gauss_rate(var, dist) == pytest.approx(0.5 * np.log2(4.0))
 
 
 def test_entropy_estimates_on_known_sources():
@@ -287,7 +289,7 @@ def test_entropy_estimates_on_known_sources():
     assert column_entropy_bits(uniform4) / 20000 == pytest.approx([2.0, 2.0, 2.0], abs=0.01)
     # a deterministic sequence given the previous symbol: H(x_t | x_t-1) ~ 0
     walk = np.tile(np.arange(8), 500)[None]
-    assert _conditional_entropy_bits(walk) / walk.shape[1] < 0.01
+    assert conditional_entropy_bits(walk) / walk.shape[1] < 0.01
     assert column_entropy_bits(walk)[0] / walk.shape[1] == pytest.approx(3.0, abs=1e-6)
 
 
@@ -342,20 +344,15 @@ def test_cross_layer_prediction_is_used_and_never_much_worse():
     """On correlated layers the encoder picks residual coding for some components; the choice is
     made by empirical entropy per component, so switching it off must not be smaller by more than
     the mask bytes."""
-    from seqkv.codec import _Parsed, section_name
-    from seqkv.stages.base import TensorContext
 
     model, cache = fp16_cache(tokens=200)
     profile = tiny_profile()
     on = seqkv.encode(cache, model=model, profile=profile, scale=0.03)
     off = seqkv.encode(cache, model=model, profile=profile, scale=0.03, cross_layer=False)
-    parsed = _Parsed(on)
-    parsed.use_profile(profile)
+    reader = seqkv.format.open_container(on, profile=profile)
     used = 0
     for kind in ("keys", "values"):
-        ctx = TensorContext(layer=1, kind=kind, positions=parsed.positions, layout=parsed.layout, extra={"profile": profile})
-        _scale, use = parsed.pipeline.read_symbols(parsed.container.section(section_name(1, kind)), ctx, parsed.dtype,
-                                                    (parsed.heads, parsed.tokens, parsed.dim)).side
+        _scale, use = reader.section_symbols(1, kind).side
         used += 0 if use is None else int(use.sum())
     assert used > 0
     assert len(on) <= len(off) * 1.02 + 64

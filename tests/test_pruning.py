@@ -10,12 +10,12 @@ from hypothesis import strategies as st
 
 import seqkv
 from seqkv.checksum import crc32c
-from seqkv.container import MAGIC, PREAMBLE, Container
+from seqkv.format.container import MAGIC, PREAMBLE, Container
 from seqkv.errors import AlreadyPrunedError, DecodeError, FormatError, PruneError
 from seqkv.model_calls import cache_of, with_cache
 from seqkv.pruning import (StreamingEvictor, TriCalibration, continuation_logits, generate, greedy_continue,
                            pruned_state, registered_pruners, select)
-from seqkv.pruning.container import decode_kept, encode_kept
+from seqkv.format.kept_positions import decode_kept, encode_kept
 from seqkv.quality import QualityProbe, clone_cache
 
 from conftest import tiny_model

@@ -8,7 +8,7 @@ from seqkv.errors import ConfigError, DecodeError, UnsupportedVersionError
 from seqkv.profile import ProfileMismatchError
 from seqkv.pruning import pruned_state, smallest_within
 from seqkv.quality import QualityProbe
-from seqkv.stages.quantize_klt import _aligned_columns
+from seqkv.stages.quantize_klt import aligned_columns
 
 from conftest import assert_layers_decode_alone, tiny_cache, tiny_model, tiny_profile
 
@@ -69,11 +69,11 @@ def test_layers_that_keep_different_tokens_still_use_cross_layer_prediction_and_
 def test_aligned_columns_match_positions_and_zero_the_rest():
     columns = torch.arange(12, dtype=torch.float32).reshape(3, 4)   # [H*D, T]: one column per token
     link = (0, columns, torch.tensor([2, 5, 7, 9]))
-    out = _aligned_columns(link, torch.tensor([1, 5, 9, 10]), 4)
+    out = aligned_columns(link, torch.tensor([1, 5, 9, 10]), 4)
     assert torch.equal(out, torch.stack([torch.zeros(3), columns[:, 1], columns[:, 3], torch.zeros(3)], 1))
-    assert _aligned_columns(link, torch.tensor([2, 5, 7, 9]), 4) is columns   # same tokens: as they are
-    assert _aligned_columns(link, torch.tensor([0, 1]), 2) is None            # nothing in common: no prediction
-    assert _aligned_columns((0, columns), None, 4) is columns                 # unpruned callers give no positions
+    assert aligned_columns(link, torch.tensor([2, 5, 7, 9]), 4) is columns   # same tokens: as they are
+    assert aligned_columns(link, torch.tensor([0, 1]), 2) is None            # nothing in common: no prediction
+    assert aligned_columns((0, columns), None, 4) is columns                 # unpruned callers give no positions
 
 
 @pytest.mark.parametrize("head_budget", ["uniform", "adaptive"])
@@ -114,7 +114,7 @@ def test_readers_refuse_a_wrong_or_newer_minor():
     blob[9] = 1  # the minor byte is outside every checksum
     with pytest.raises(DecodeError, match="preamble says format 1.1"):
         seqkv.decode(bytes(blob), profile=profile)
-    import seqkv.container as container
+    import seqkv.format.container as container
     old = container.FORMAT_MINOR
     try:
         container.FORMAT_MINOR = 1  # a 1.1 reader

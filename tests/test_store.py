@@ -656,10 +656,10 @@ def _open_calibrated(url, profile, scale=0.05, **kw):
 
 def _klt_errors_in_steps(got, want, profile, scale, positions, model=None):
     """max |z - z_hat| / step over every KLT coefficient of every layer and kind (the sinks are exact)."""
-    from seqkv.format.pipeline import Pipeline
+    from seqkv.format import Pipeline
     from seqkv.layout import layout_from_model
     from seqkv.presets import calibrated_pipeline_config
-    from seqkv.stages.base import TensorContext
+    from seqkv.stages.base import CodingState, TensorContext
     from seqkv.stages.quantize_klt import component_steps
 
     pipeline = Pipeline(calibrated_pipeline_config(profile.sink_tokens))
@@ -667,7 +667,7 @@ def _klt_errors_in_steps(got, want, profile, scale, positions, model=None):
     worst = 0.0
     for i, (gl, wl) in enumerate(zip(cache_layers(got), cache_layers(want))):
         for kind, g, w in (("keys", gl[0], wl[0]), ("values", gl[1], wl[1])):
-            ctx = TensorContext(layer=i, kind=kind, positions=positions, layout=layout, extra={"profile": profile})
+            ctx = TensorContext(layer=i, kind=kind, positions=positions, layout=layout, state=CodingState(profile=profile))
             steps = component_steps(profile.parts[(i, kind)], scale, w.shape[0], w.shape[2])
             err = (pipeline.transform(g, ctx) - pipeline.transform(w, ctx)).abs() / steps[:, None, :]
             worst = max(worst, float(err.max()))
@@ -770,14 +770,14 @@ def three_layers():
 def _layer1_residuals_only(monkeypatch):
     from seqkv.store import chunk_codec
 
-    encode = chunk_codec._KLTResidual.encode
+    encode = chunk_codec.encode_klt_residual
 
-    def layer1_only(self, x, base, ctx, bpos):
+    def layer1_only(pipeline, x, base, ctx, bpos):
         if ctx.layer != 1:
             raise ValueError("residuals for layer 1 only")
-        return encode(self, x, base, ctx, bpos)
+        return encode(pipeline, x, base, ctx, bpos)
 
-    monkeypatch.setattr(chunk_codec._KLTResidual, "encode", layer1_only)
+    monkeypatch.setattr(chunk_codec, "encode_klt_residual", layer1_only)
 
 
 def test_calibrated_residual_leaves_the_encoder_predicting_from_what_the_decoder_holds(three_layers, monkeypatch):
@@ -796,15 +796,15 @@ def test_calibrated_residual_leaves_the_encoder_predicting_from_what_the_decoder
                                                token_code="zstd", profile=profile, scale=0.05)
     base_layers = chunk_codec.ParsedChunk(base_payload).decode(None, profile)
     _layer1_residuals_only(monkeypatch)
-    extras = []
-    make_extra = chunk_codec._calibrated_extra
-    monkeypatch.setattr(chunk_codec, "_calibrated_extra", lambda *args: extras.append(make_extra(*args)) or extras[-1])
+    states = []
+    make_state = chunk_codec.coding_state_for
+    monkeypatch.setattr(chunk_codec, "coding_state_for", lambda *args: states.append(make_state(*args)) or states[-1])
     payload, _ = chunk_codec.encode_chunk(chunk_b, pos_b, cfg, layout, "float32", token_section=None, token_code="base",
                                           base=("0" * 64, base_layers, pos_a), profile=profile, scale=0.05)
     parsed = chunk_codec.ParsedChunk(payload)
     assert parsed.modes[:2] == "pp" and parsed.modes[2:4] != "pp" and parsed.modes[4:] == "pp"
     parsed.decode((base_layers, pos_a), profile)
-    encoder, decoder = extras[-2]["chain"], extras[-1]["chain"]
+    encoder, decoder = states[-1].chain, parsed.reader.state.chain
     for kind in ("keys", "values"):  # the last layer's reconstruction, predicted from layer 1's
         assert encoder[kind][0] == decoder[kind][0] == 2
         assert torch.allclose(encoder[kind][1], decoder[kind][1], atol=1e-6)

@@ -1,4 +1,8 @@
-"""The pipeline: the stages a container's config names, and one tensor [H, T, D] <-> section bytes."""
+"""The pipeline: the stages a container's config names, and one tensor [H, T, D] <-> section bytes.
+
+A lossy pipeline is ``transforms -> quantizer -> [predictor] -> symbol coder`` (docs/format.md §5-§6); a lossless
+one is a single tensor coder of the raw IEEE bits (§8).  Each place takes a stage of one role class
+(:mod:`seqkv.stages.base`), so the signatures below are the only ones a stage must offer."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -9,7 +13,7 @@ import torch
 from ..errors import ConfigError
 from ..hf_adapter import DTYPES_BY_NAME, SUPPORTED_DTYPES
 from ..stages import stage_from_config
-from ..stages.base import TensorContext
+from ..stages.base import Predictor, Quantizer, SymbolCoder, TensorCoder, TensorContext, Transform
 from ..wire import Reader
 
 KINDS = ("keys", "values")
@@ -29,31 +33,51 @@ class Pipeline:
             raise ConfigError(f"invalid pipeline config: {config!r}")
         self.config = config
         self.lossless = config["mode"] == "lossless"
-        self.needs_profile = False  # set below for pipelines whose stages read the model profile
-        self.cross_layer = False    # set below when a section depends on the previous layer's
-        self.coder = self._stage(config.get("coder"), "tensor_coder" if self.lossless else "symbol_coder")
+        self.tensor_coder: TensorCoder | None = None   # the lossless pipeline's one stage
+        self.symbol_coder: SymbolCoder | None = None   # the lossy pipeline's entropy coder
+        self.transforms: list[Transform] = []
+        self.quantizer: Quantizer | None = None
+        self.predictor: Predictor | None = None
+        self.sink_tokens = 0
         if self.lossless:
-            return
-        self.sink_tokens = config.get("sink_tokens", 0)
-        if not isinstance(self.sink_tokens, int) or isinstance(self.sink_tokens, bool) or not 0 <= self.sink_tokens <= MAX_TOKENS:
-            raise ConfigError(f"invalid sink_tokens {self.sink_tokens!r}")
-        transforms = config.get("transforms", [])
-        if not isinstance(transforms, list):
-            raise ConfigError("pipeline 'transforms' must be a list")
-        self.transforms = [self._stage(t, "transform") for t in transforms]
-        self.quantizer = self._stage(config.get("quantizer"), "quantizer")
-        predictor = config.get("predictor")
-        self.predictor = None if predictor is None else self._stage(predictor, "predictor")
+            self.tensor_coder = self._stage(config.get("coder"), TensorCoder)
+        else:
+            self.symbol_coder = self._stage(config.get("coder"), SymbolCoder)
+            self.sink_tokens = config.get("sink_tokens", 0)
+            if not isinstance(self.sink_tokens, int) or isinstance(self.sink_tokens, bool) or not 0 <= self.sink_tokens <= MAX_TOKENS:
+                raise ConfigError(f"invalid sink_tokens {self.sink_tokens!r}")
+            transforms = config.get("transforms", [])
+            if not isinstance(transforms, list):
+                raise ConfigError("pipeline 'transforms' must be a list")
+            self.transforms = [self._stage(t, Transform) for t in transforms]
+            self.quantizer = self._stage(config.get("quantizer"), Quantizer)
+            predictor = config.get("predictor")
+            self.predictor = None if predictor is None else self._stage(predictor, Predictor)
+        stages = self.stages()
         # a pipeline whose stages read the model profile (the KLT and its quantizer)
-        self.needs_profile = any(t.id == "klt" for t in self.transforms) or self.quantizer.id == "klt_uniform"
+        self.needs_profile = any(stage.reads_profile for stage in stages)
+        # a section that depends on the previous layer's (cross-layer prediction)
         self.cross_layer = bool(getattr(self.quantizer, "cross_layer", False))
+        # the lowest container minor that defines every stage used (seqkv.format.header.required_minor)
+        self.min_minor = max(stage.min_minor for stage in stages)
+
+    def stages(self) -> list:
+        """Every stage, in encode order."""
+        if self.lossless:
+            return [self.tensor_coder]
+        return [*self.transforms, self.quantizer, *([self.predictor] if self.predictor else []), self.symbol_coder]
 
     @staticmethod
-    def _stage(config, role: str):
+    def _stage(config, role: type):
         stage = stage_from_config(config)
-        if stage.role != role:
-            raise ConfigError(f"stage {stage.id!r} is a {stage.role}; this place in the pipeline needs a {role}")
+        if not isinstance(stage, role):
+            raise ConfigError(f"stage {stage.id!r} is a {stage.role}; this place in the pipeline needs a {role.role}")
         return stage
+
+    @property
+    def coder(self):
+        """The pipeline's last stage (the symbol coder, or the lossless tensor coder)."""
+        return self.tensor_coder if self.lossless else self.symbol_coder
 
     def full_config(self) -> dict:
         """The config with every stage option spelled out, as recorded in the container."""
@@ -70,7 +94,7 @@ class Pipeline:
         if self.lossless:
             torch_int, np_uint = BITS_DTYPE[dtype_name]
             bits = x.contiguous().view(torch_int).numpy().view(np_uint)
-            return self.coder.encode(bits, dtype_name)
+            return self.tensor_coder.encode(bits, dtype_name)
         return self.code(x, self.transform(x, ctx), ctx)
 
     def transform(self, x: torch.Tensor, ctx: TensorContext) -> torch.Tensor:
@@ -95,7 +119,7 @@ class Pipeline:
         if self.predictor is not None:
             q, predictor_side = self.predictor.forward(q, ctx)
             out += predictor_side
-        out += self.coder.encode(q)
+        out += self.symbol_coder.encode(q)
         return bytes(out)
 
     def decode_tensor(self, payload, ctx: TensorContext, dtype_name: str, shape, symbols_out: dict | None = None) -> torch.Tensor:
@@ -104,7 +128,7 @@ class Pipeline:
         heads, tokens, dim = shape
         if self.lossless:
             torch_int, _ = BITS_DTYPE[dtype_name]
-            bits = self.coder.decode(payload, dtype_name, shape)
+            bits = self.tensor_coder.decode(payload, dtype_name, shape)
             return torch.from_numpy(np.ascontiguousarray(bits)).view(torch_int).view(DTYPES_BY_NAME[dtype_name])
         sections = self.read_symbols(payload, ctx, dtype_name, shape, keep_residuals=symbols_out is not None)
         if symbols_out is not None:
@@ -141,7 +165,7 @@ class Pipeline:
         side = self.quantizer.read_side(reader, heads, dim) if quantizer_side else None
         predictor_side = None if self.predictor is None else self.predictor.read_side(reader, heads, dim)
         coder_start = reader.pos
-        residuals = self.coder.decode(reader, (heads, tokens - sinks, dim))
+        residuals = self.symbol_coder.decode(reader, (heads, tokens - sinks, dim))
         reader.expect_end()
         if self.predictor is not None:
             symbols = self.predictor.inverse(residuals.copy() if keep_residuals else residuals, predictor_side, ctx)

@@ -5,13 +5,17 @@ the container records the configs, so decoding needs nothing else.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import ClassVar
+
+import numpy as np
 
 import torch
 
 from ..errors import ConfigError
 from ..registry import Registry
+from ..wire import Reader
 
 _STAGES = Registry("stage", key="id")
 register = _STAGES.register  # class decorator: make a stage constructible by stage_from_config
@@ -28,6 +32,20 @@ def registered_stages() -> list[str]:
 
 
 @dataclass
+class CodingState:
+    """What the stages of one container share, beyond the tensor at hand (typed, so every reader and
+    writer of a field is visible).  One state per container encode or decode."""
+
+    profile: object = None              # seqkv.profile.Profile, for pipelines that read it (klt, klt_uniform)
+    scale: float | None = None          # klt_uniform's rate knob, as float32 (what the decoder reads back)
+    # cross-layer prediction: kind -> (layer, reconstruction [H*D, T] channel-major, its token positions);
+    # None when the container's sections do not chain
+    chain: dict | None = None
+    # per (layer, kind): the weighted MSE klt_uniform's quantization caused (rate control's KL model reads it)
+    weighted_mse: dict = field(default_factory=dict)
+
+
+@dataclass
 class TensorContext:
     """What a stage may know about the tensor it handles."""
 
@@ -35,16 +53,18 @@ class TensorContext:
     kind: str                 # "keys" or "values"
     positions: torch.Tensor   # int64 [tokens], the RoPE position of every token
     layout: object            # seqkv.layout.ModelLayout
-    extra: dict = field(default_factory=dict)
+    state: CodingState = field(default_factory=CodingState)
 
 
-class Stage:
+class Stage(ABC):
     """Base class: configs in and out, validated strictly."""
 
     id: ClassVar[str] = ""
-    # where the stage fits in a pipeline: "transform" (tensor <-> tensor), "quantizer" (tensor <-> ints
-    # + side info), "symbol_coder" (ints <-> bytes) or "tensor_coder" (raw float bits <-> bytes, lossless)
+    # where the stage fits in a pipeline; set by the role classes below
     role: ClassVar[str] = ""
+    # the lowest container minor version that defines this stage (1.1 added the calibrated stages)
+    min_minor: ClassVar[int] = 0
+    reads_profile: ClassVar[bool] = False   # the stage reads the model profile from the coding state
     params: ClassVar[dict] = {}  # name -> (type, default)
 
     def __init__(self, **kwargs):
@@ -75,3 +95,83 @@ class Stage:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.params)
         return f"{type(self).__name__}({args})"
+
+
+# -- one abstract class per place in the pipeline, with the exact signatures the pipeline calls ----------
+
+class Transform(Stage):
+    """A tensor <-> tensor map applied token by token (float32 [H, T, D] in, any layout out)."""
+
+    role: ClassVar[str] = "transform"
+
+    @abstractmethod
+    def forward(self, x: torch.Tensor, ctx: TensorContext) -> torch.Tensor:
+        """The transformed tensor the next stage sees."""
+
+    @abstractmethod
+    def inverse(self, y: torch.Tensor, ctx: TensorContext) -> torch.Tensor:
+        """``forward``'s inverse (up to float rounding)."""
+
+
+class Quantizer(Stage):
+    """Floats -> integer symbols plus side info (bytes the section carries before the coder's part)."""
+
+    role: ClassVar[str] = "quantizer"
+
+    @abstractmethod
+    def quantize(self, y: torch.Tensor, ctx: TensorContext) -> tuple[np.ndarray, bytes]:
+        """(int32 symbols [H, T, D], side info bytes) of the transformed tensor ``y`` [H, T, D]."""
+
+    @abstractmethod
+    def read_side(self, reader: Reader, heads: int, dim: int) -> object:
+        """The side info ``quantize`` wrote, read back (bounded by ``reader``)."""
+
+    @abstractmethod
+    def dequantize(self, q: torch.Tensor, side: object, ctx: TensorContext) -> torch.Tensor:
+        """The reconstruction (float32 [H, T, D], transform domain) of symbols ``q`` [H, T, D]."""
+
+
+class Predictor(Stage):
+    """Symbols -> residuals the coder codes cheaper (exactly invertible integer arithmetic)."""
+
+    role: ClassVar[str] = "predictor"
+
+    @abstractmethod
+    def forward(self, q: np.ndarray, ctx: TensorContext) -> tuple[np.ndarray, bytes]:
+        """(residuals int32 [H, T, D], side info bytes)."""
+
+    @abstractmethod
+    def read_side(self, reader: Reader, heads: int, dim: int) -> object:
+        """The side info ``forward`` wrote, read back."""
+
+    @abstractmethod
+    def inverse(self, residuals: np.ndarray, side: object, ctx: TensorContext) -> np.ndarray:
+        """The symbols (int32 [H, T, D]); may work in place on ``residuals``."""
+
+
+class SymbolCoder(Stage):
+    """The lossy pipeline's entropy coder: int32 symbols [H, T, D] <-> bytes."""
+
+    role: ClassVar[str] = "symbol_coder"
+
+    @abstractmethod
+    def encode(self, q: np.ndarray) -> bytes:
+        """The coded symbols."""
+
+    @abstractmethod
+    def decode(self, reader: Reader, shape: tuple[int, int, int]) -> np.ndarray:
+        """int32 symbols of ``shape``, read from ``reader`` (which may hold more bytes after them)."""
+
+
+class TensorCoder(Stage):
+    """The lossless pipeline's coder: the raw IEEE bits of a tensor <-> bytes, bit-exact."""
+
+    role: ClassVar[str] = "tensor_coder"
+
+    @abstractmethod
+    def encode(self, bits: np.ndarray, float_format: str) -> bytes:
+        """The coded bit patterns (uint16 or uint32 [H, T, D]) of a ``float_format`` tensor."""
+
+    @abstractmethod
+    def decode(self, data, float_format: str, shape: tuple[int, ...]) -> np.ndarray:
+        """The bit patterns, exactly as given to ``encode``; ``data`` must hold nothing else."""

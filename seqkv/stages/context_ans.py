@@ -20,7 +20,7 @@ from ..ans_coding import (
 from ..bitpacking import pack_low_bits, unpack_low_bits
 from ..errors import ConfigError, FormatError
 from ..wire import Reader, write_uvarint, zigzag
-from .base import Stage, register
+from .base import SymbolCoder, register
 
 try:  # the encoder's per-channel pass; numpy below is the reference and the fallback
     from seqkv_ext import channels as _ext_channels
@@ -42,9 +42,8 @@ def _shift_for(symbols: np.ndarray) -> int:
 
 
 @register
-class ContextANS(Stage):
+class ContextANS(SymbolCoder):
     id = "context_ans"
-    role = "symbol_coder"
     params = {"classes_per_octave": (int, 4)}
 
     def validate(self) -> None:

@@ -13,7 +13,7 @@ import functools
 import torch
 
 from ..errors import ConfigError
-from .base import Stage, TensorContext, register
+from .base import TensorContext, Transform, register
 
 
 @functools.lru_cache(maxsize=16)
@@ -29,9 +29,8 @@ def _rotation(dim: int, seed: int) -> torch.Tensor:
 
 
 @register
-class HadamardRotation(Stage):
+class HadamardRotation(Transform):
     id = "hadamard"
-    role = "transform"
     params = {"seed": (int, 0)}
 
     def forward(self, x: torch.Tensor, ctx: TensorContext) -> torch.Tensor:

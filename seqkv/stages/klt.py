@@ -4,7 +4,7 @@ Each token's vectors of all KV heads are put side by side ([H*D]), centred on th
 profile's mean and projected on the profile's KLT basis.  Component ``c`` lands
 in slot (head ``c // D``, channel ``c % D``) of the [H, T, D] tensor, so the
 stages after it see components in decreasing-variance order.  The basis lives in
-the model profile (``ctx.extra["profile"]``), never in the container.
+the model profile (``ctx.state.profile``), never in the container.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from .base import Stage, TensorContext, register
+from .base import TensorContext, Transform, register
 
 
 def rows_of(x: torch.Tensor) -> torch.Tensor:
@@ -47,16 +47,17 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def profile_part(ctx: TensorContext):
     """The profile entry for the tensor in ``ctx``; ConfigError when no profile was given."""
-    profile = ctx.extra.get("profile")
+    profile = ctx.state.profile
     if profile is None:
         raise ConfigError("this pipeline uses a calibrated profile: pass profile= (seqkv.Profile.load(path))")
     return profile.parts[(ctx.layer, ctx.kind)]
 
 
 @register
-class KLTransform(Stage):
+class KLTransform(Transform):
     id = "klt"
-    role = "transform"
+    min_minor = 1  # defined by format 1.1
+    reads_profile = True
     params = {}
 
     def forward(self, x: torch.Tensor, ctx: TensorContext) -> torch.Tensor:

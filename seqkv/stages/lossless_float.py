@@ -32,7 +32,7 @@ from ..ans_coding import FreqTable, decode_symbols, encode_symbols, table_from_c
 from ..bitpacking import pack_low_bits, unpack_low_bits
 from ..errors import ConfigError, EncodeError, FormatError
 from ..wire import Reader, write_uvarint
-from .base import Stage, register
+from .base import TensorCoder, register
 
 # name -> (total bits, exponent bits, mantissa bits, numpy dtype of the bit patterns)
 FORMATS = {
@@ -334,11 +334,10 @@ def _odd_context(dd: np.ndarray, sign: np.ndarray, lay: _RowLayout, nbuck: int) 
 # -- the stage ----------------------------------------------------------------------------
 
 @register
-class LosslessFloatCoder(Stage):
+class LosslessFloatCoder(TensorCoder):
     """Bit-exact coder of float16 / bfloat16 / float32 bit patterns [kv_heads, tokens, head_dim]."""
 
     id = "lossless_float"
-    role = "tensor_coder"
     params = {
         "mantissa_bits": (int, 2),       # top mantissa bits that are entropy-coded (the rest is raw)
         "max_classes": (int, 8),         # upper bound on channel classes (the encoder picks <=)

@@ -16,15 +16,14 @@ import numpy as np
 
 from ..errors import FormatError
 from ..wire import Reader
-from .base import Stage, TensorContext, register
+from .base import Predictor, TensorContext, register
 
 COEFFICIENTS = 5     # k = 0, 1, 2, 3, 4  ->  0, 1/4, 1/2, 3/4, 1
 
 
 @register
-class TemporalPredictor(Stage):
+class TemporalPredictor(Predictor):
     id = "temporal_ar"
-    role = "predictor"
     params = {}
 
     def forward(self, q: np.ndarray, ctx: TensorContext):

@@ -17,7 +17,8 @@ import torch
 
 from ..errors import ConfigError, FormatError, NonFiniteError
 from ..wire import Reader
-from .base import Stage, TensorContext, register
+from .base import Quantizer, TensorContext, register
+from .quantize_uniform import quantize_symbols
 from .klt import columns_of, from_columns, matmul, profile_part
 
 MIN_SCALE, MAX_SCALE = 1e-6, 1e6
@@ -26,6 +27,14 @@ MIN_SCALE, MAX_SCALE = 1e-6, 1e6
 def component_steps(part, scale: float, heads: int, dim: int) -> torch.Tensor:
     """Steps laid out like the KLT stage's output, [H, D]."""
     return part.steps(scale).reshape(heads, dim).to(torch.float32)
+
+
+def quantize_components(z: torch.Tensor, steps: torch.Tensor, rounding: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(symbols as floats, reconstruction ``q * step``) of KLT coefficients ``z`` [H, T, D] at per-component
+    ``steps`` [H, D]: the reference arithmetic of this quantizer (the compiled pass in :class:`KLTQuantizer`
+    computes the same), shared by rate control's stand-in and the store's residual sections."""
+    q = quantize_symbols(z, steps, rounding)
+    return q, q * steps[:, None, :]
 
 
 def weighted_mse(z: torch.Tensor, recon: torch.Tensor, part) -> float:
@@ -40,17 +49,17 @@ def weighted_by_component(err: torch.Tensor, part) -> float:
 
 def cross_layer_prediction(part, ctx: TensorContext, shape) -> torch.Tensor | None:
     """The previous layer's reconstruction (same kind) mapped through the profile's ``cross``, [H, T, D];
-    None for layer 0 or when the previous layer is not in ``ctx.extra["chain"]``.  (All components are
+    None for layer 0 or when the previous layer is not in ``ctx.state.chain``.  (All components are
     computed: on SmolLM2 about 95 % of them use the prediction.)
 
     In a pruned cache two layers may keep different positions: a token is then predicted from the
     previous layer's reconstruction of the same position, and tokens that layer did not keep are
     predicted as zero (their residual is the coefficient itself)."""
     heads, tokens, dim = shape
-    link = ctx.extra.get("chain", {}).get(ctx.kind)
+    link = (ctx.state.chain or {}).get(ctx.kind)
     if part.cross is None or link is None or link[0] != ctx.layer - 1:
         return None
-    columns = _aligned_columns(link, _body_positions(ctx.positions, tokens), tokens)
+    columns = aligned_columns(link, _body_positions(ctx.positions, tokens), tokens)
     return None if columns is None else from_columns(matmul(part.cross, columns), heads, dim)
 
 
@@ -61,7 +70,7 @@ def _body_positions(positions: torch.Tensor | None, tokens: int) -> torch.Tensor
     return positions[positions.numel() - tokens:]
 
 
-def _aligned_columns(link: tuple, positions: torch.Tensor | None, tokens: int) -> torch.Tensor | None:
+def aligned_columns(link: tuple, positions: torch.Tensor | None, tokens: int) -> torch.Tensor | None:
     """The previous layer's [H*D, T] reconstruction at this layer's token positions (zero where it has none)."""
     prev = link[1]
     prev_pos = link[2] if len(link) > 2 else None
@@ -78,15 +87,15 @@ def _aligned_columns(link: tuple, positions: torch.Tensor | None, tokens: int) -
 
 def remember_reconstruction(ctx: TensorContext, recon: torch.Tensor) -> None:
     """Keep this layer's reconstruction (and its tokens' positions) for the next layer's cross-layer prediction."""
-    if "chain" in ctx.extra:
+    if ctx.state.chain is not None:
         # channel-major [H*D, T] and contiguous, in encoder and decoder alike, so that both compute the next
         # layer's prediction with the same matrix product and get the same floats
-        ctx.extra["chain"][ctx.kind] = (ctx.layer, columns_of(recon).contiguous(),
+        ctx.state.chain[ctx.kind] = (ctx.layer, columns_of(recon).contiguous(),
                                         _body_positions(ctx.positions, recon.shape[1]))
 
 
 @register
-class KLTQuantizer(Stage):
+class KLTQuantizer(Quantizer):
     """Profile-stepped uniform quantizer, with optional cross-layer prediction (DPCM).
 
     With ``cross_layer``, each component may instead quantize its residual against the
@@ -99,7 +108,8 @@ class KLTQuantizer(Stage):
     """
 
     id = "klt_uniform"
-    role = "quantizer"
+    min_minor = 1  # defined by format 1.1
+    reads_profile = True
     params = {"rounding": (float, 0.5), "cross_layer": (bool, False)}
 
     def validate(self) -> None:
@@ -109,7 +119,9 @@ class KLTQuantizer(Stage):
     def quantize(self, z: torch.Tensor, ctx: TensorContext):
         from seqkv_ext.quantize import QuantizeError, quantize_rows
 
-        scale = float(np.float32(ctx.extra["scale"]))  # what the decoder will read back
+        if ctx.state.scale is None:
+            raise ConfigError("klt_uniform needs the rate knob: the coding state has no scale")
+        scale = float(np.float32(ctx.state.scale))  # what the decoder will read back
         part = profile_part(ctx)
         heads, tokens, dim = z.shape
         steps = component_steps(part, scale, heads, dim).reshape(-1).contiguous()
@@ -131,7 +143,7 @@ class KLTQuantizer(Stage):
         recon = from_columns(torch.from_numpy(recon), heads, dim)
         if tokens:
             # the weighted MSE this quantization causes: rate control's KL model reads it
-            ctx.extra.setdefault("weighted_mse", {})[(ctx.layer, ctx.kind)] = weighted_by_component(
+            ctx.state.weighted_mse[(ctx.layer, ctx.kind)] = weighted_by_component(
                 torch.from_numpy(sq_err) / tokens, part)
         remember_reconstruction(ctx, recon)
         # channel-major [H, T, D] view, the order the temporal predictor and the coder work in

@@ -15,7 +15,7 @@ import torch
 
 from ..errors import ConfigError, FormatError, NonFiniteError
 from ..wire import Reader
-from .base import Stage, TensorContext, register
+from .base import Quantizer, TensorContext, register
 
 
 @functools.lru_cache(maxsize=8)
@@ -35,9 +35,8 @@ def lloyd_max_levels(bits: int) -> np.ndarray:
 
 
 @register
-class LloydMaxQuantizer(Stage):
+class LloydMaxQuantizer(Quantizer):
     id = "lloydmax"
-    role = "quantizer"
     params = {"bits": (int, 4)}
 
     def validate(self) -> None:

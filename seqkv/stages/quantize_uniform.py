@@ -14,7 +14,7 @@ import torch
 
 from ..errors import ConfigError, FormatError, NonFiniteError
 from ..wire import Reader
-from .base import Stage, TensorContext, register
+from .base import Quantizer, TensorContext, register
 
 
 def quantize_symbols(x: torch.Tensor, steps: torch.Tensor, rounding: float) -> torch.Tensor:
@@ -30,9 +30,8 @@ def quantize_symbols(x: torch.Tensor, steps: torch.Tensor, rounding: float) -> t
 
 
 @register
-class UniformQuantizer(Stage):
+class UniformQuantizer(Quantizer):
     id = "uniform"
-    role = "quantizer"
     params = {
         "step": (float, 0.25),              # step / RMS of the tensor
         "key_step_scale": (float, 1.0),     # extra factor on the keys' step

@@ -80,15 +80,14 @@ def keys_to_post_rope(y: torch.Tensor, kind: str, positions: torch.Tensor, layou
     return apply_rope(y, positions, torch.as_tensor(layout.inv_freq_array()), float(layout.rope_attention_scaling))
 
 
-from .base import Stage, TensorContext, register  # noqa: E402  (the stage wraps the functions above)
+from .base import TensorContext, Transform, register  # noqa: E402  (the stage wraps the functions above)
 
 
 @register
-class PreRope(Stage):
+class PreRope(Transform):
     """Transform stage: keys to pre-RoPE on encode, RoPE re-applied on decode. Values pass through."""
 
     id = "prerope"
-    role = "transform"
     params = {}
 
     def forward(self, x: torch.Tensor, ctx: TensorContext) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Container v1: preamble, bounded JSON header, checksummed sections.
+"""Container v1 framing: preamble, bounded JSON header, checksummed sections (the bytes only; what the header
+and sections mean is :mod:`seqkv.format.header` and :mod:`seqkv.format.plan`).
 
 See docs/format.md for the byte layout.  The reader checks, in this order:
 length, magic, version, flags, header size cap, header checksum, header
@@ -10,8 +11,8 @@ import json
 import struct
 from dataclasses import dataclass
 
-from .checksum import crc32c
-from .errors import ChecksumError, FormatError, UnsupportedVersionError
+from ..checksum import crc32c
+from ..errors import ChecksumError, FormatError, UnsupportedVersionError
 
 MAGIC = b"\x89SEQKV\r\n"          # 8 bytes; the high byte and CR/LF catch text-mode mangling
 FORMAT_MAJOR = 1
@@ -32,13 +33,13 @@ class Section:
     crc32c: int
 
 
-def write_container(header: dict, sections: list[tuple[str, bytes]], flags: int = 0, min_minor: int = 0) -> bytes:
-    """Serialise ``header`` (without "sections") and the named section payloads.
-
-    The minor version written is the lowest that defines every flag and stage used (1.0 for the
-    presets without pruning; ``min_minor`` says what the pipeline's stages need)."""
+def pack_container(header: dict, sections: list[tuple[str, bytes]], flags: int, minor: int) -> bytes:
+    """The bytes of a container: preamble, ``header`` (without "sections") plus its section table, payloads.
+    Only :func:`seqkv.format.writer.write_container` calls this; it decides the minor version."""
     if flags & ~KNOWN_FLAGS:
         raise ValueError(f"unknown container flags 0x{flags:04x}")
+    if not 0 <= minor <= FORMAT_MINOR:
+        raise ValueError(f"format 1.{minor} is not one this writer knows")
     table = []
     offset = 0
     for name, payload in sections:
@@ -48,7 +49,6 @@ def write_container(header: dict, sections: list[tuple[str, bytes]], flags: int 
     header_bytes = json.dumps(full, separators=(",", ":"), sort_keys=True, allow_nan=False).encode("utf-8")
     if len(header_bytes) > MAX_HEADER_BYTES:
         raise FormatError(f"header of {len(header_bytes)} bytes exceeds the {MAX_HEADER_BYTES}-byte cap")
-    minor = max(min_minor, 1 if flags & FLAG_PRUNED else 0)
     preamble = PREAMBLE.pack(MAGIC, FORMAT_MAJOR, minor, flags, len(header_bytes), crc32c(header_bytes))
     return b"".join([preamble, header_bytes, *(payload for _, payload in sections)])
 
@@ -107,9 +107,12 @@ class Container:
         expected = 0
         for entry in raw:
             try:
-                sec = Section(str(entry["name"]), int(entry["offset"]), int(entry["length"]), int(entry["crc32c"]))
+                fields = [entry["offset"], entry["length"], entry["crc32c"]]
+                if not isinstance(entry["name"], str) or not all(isinstance(v, int) and not isinstance(v, bool) for v in fields):
+                    raise TypeError("section fields must be a string name and integers")
+                sec = Section(entry["name"], *fields)
             except (KeyError, TypeError, ValueError):
-                raise FormatError(f"malformed section entry {entry!r}") from None
+                raise FormatError(f"malformed section entry {str(entry)[:200]}") from None
             if sec.offset != expected or sec.length < 0:
                 raise FormatError(f"section {sec.name!r} is not contiguous (offset {sec.offset}, expected {expected})")
             if sec.name in out:
