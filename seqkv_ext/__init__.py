@@ -3,6 +3,7 @@
 * :mod:`seqkv_ext.ans` - fast decoder for constriction ``AnsCoder`` streams with
   static integer-frequency tables;
 * :mod:`seqkv_ext.ans_encode` - the matching encoder (word for word equal to constriction);
+* :mod:`seqkv_ext.ans_tables` - the frequency-table checks both share (``ans_tables.pxd``);
 * :mod:`seqkv_ext.crc32c` - CRC-32C (Castagnoli), slicing-by-8;
 * :mod:`seqkv_ext.bitpack` - dense LSB-first packing of the low bits of integers;
 * :mod:`seqkv_ext.trie` - ``TokenTrie``, a compact counting token trie with a

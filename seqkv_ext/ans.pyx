@@ -36,21 +36,21 @@ from libc.stdint cimport int32_t, int64_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 
+from .ans_tables cimport ANS_MAX_ALPHABET, ANS_MAX_TABLE_BITS, ANS_PRECISION, private_freqs, table_bits_of
+
 import operator
 
 import numpy as np
 
 __all__ = ["decode", "decode_rows", "PRECISION", "MAX_TABLE_BITS", "MAX_ALPHABET"]
 
-PRECISION = 24           # constriction's default AnsCoder precision
-MAX_TABLE_BITS = 16      # the table entries pack freq and cdf into 16 bits each
-MAX_ALPHABET = 32768
+PRECISION = ANS_PRECISION            # constriction's default AnsCoder precision
+MAX_TABLE_BITS = ANS_MAX_TABLE_BITS  # the table entries pack freq and cdf into 16 bits each
+MAX_ALPHABET = ANS_MAX_ALPHABET
 
 cdef enum:
-    _PRECISION = 24
+    _PRECISION = ANS_PRECISION
     _COARSE_BITS = 12
-    _MAX_TABLE_BITS = 16
-    _MAX_ALPHABET = 32768
 
 # Strategies (``_decode_with`` lets the tests force one).
 cdef enum:
@@ -83,9 +83,9 @@ cdef struct Tables:
 cdef bint _build_cdf(Tables* t, int table_bits) noexcept nogil:
     """Fill cdf; False unless every freq >= 1 and they sum to 2**table_bits.
 
-    The caller validated the freqs already, but with the GIL released another
-    thread could change the array: the tables are built from a private copy,
-    checked again here, so that they can never index out of range.
+    The caller checked a private copy of the freqs already (seqkv_ext.ans_tables),
+    which no other thread can reach; checking again here, on the copy the tables are
+    built from, keeps the proof that they never index out of range local.
     """
     cdef uint64_t c = 0
     cdef Py_ssize_t s
@@ -250,7 +250,8 @@ cdef uint64_t _loop_search(const Tables* t, const uint32_t* words, Py_ssize_t* p
 cdef int _decode_nogil(const uint32_t* words, Py_ssize_t n_words, const uint32_t* freqs,
                        Py_ssize_t k, int shift, int32_t* out, Py_ssize_t count,
                        int strategy, bint* clean) noexcept nogil:
-    """Returns 0 on success, -1 when out of memory, -2 for invalid freqs."""
+    """Returns 0 on success, -1 when out of memory, -2 for invalid freqs (never for a table
+    from ans_tables.private_freqs)."""
     cdef Tables t
     cdef int table_bits = _PRECISION - shift
     cdef int coarse_bits = table_bits if table_bits < _COARSE_BITS else _COARSE_BITS
@@ -345,39 +346,6 @@ def _as_words(words):
     return words
 
 
-@cython.boundscheck(False)  # j < k == fv.shape[0]
-@cython.wraparound(False)
-cdef Py_ssize_t _check_freqs(const uint32_t[::1] fv, int table_bits) except -1:
-    cdef Py_ssize_t j, k = fv.shape[0]
-    cdef uint64_t total = 0
-    cdef uint32_t lowest = 0xFFFFFFFF
-    if k < 2 or k > _MAX_ALPHABET:
-        raise ValueError(f"alphabet of {k} symbols: need 2 <= K <= {_MAX_ALPHABET}")
-    for j in range(k):  # k <= 32768 values < 2**32: the uint64 sum cannot wrap
-        total += fv[j]
-        if fv[j] < lowest:
-            lowest = fv[j]
-    if lowest < 1:
-        raise ValueError("every freq must be >= 1")
-    if total != (<uint64_t>1 << table_bits):
-        raise ValueError(f"freqs must sum to exactly 2**{table_bits} = {1 << table_bits} (got {total})")
-    return k
-
-
-def _as_freqs(freqs):
-    if (isinstance(freqs, np.ndarray) and freqs.dtype == np.uint32 and freqs.ndim == 1
-            and freqs.flags.c_contiguous):
-        return freqs  # the common case, checked by _check_freqs
-    arr = np.asarray(freqs)
-    if arr.ndim != 1:
-        raise ValueError(f"freqs must be 1-D (got ndim={arr.ndim})")
-    if arr.dtype.kind not in "iu":
-        raise ValueError(f"freqs must be integers (got {arr.dtype})")
-    if arr.size and (int(arr.min()) < 1 or int(arr.max()) > 0xFFFFFFFF):
-        raise ValueError("every freq must be >= 1 (and < 2**32)")
-    return np.ascontiguousarray(arr, dtype=np.uint32)
-
-
 def decode(words, freqs, count, shift):
     """Decode ``count`` symbols of an ANS stream; returns ``(symbols, clean)``.
 
@@ -407,6 +375,12 @@ def _decode_with(words, freqs, count, shift, strategy):
 
 
 cdef _decode(words, freqs, count, shift, int strategy):
+    out, clean, _k = _decode_k(words, freqs, count, shift, strategy)
+    return out, clean
+
+
+cdef tuple _decode_k(words, freqs, count, shift, int strategy):
+    """(symbols, clean, K of the table used)."""
     cdef const uint32_t[::1] wv
     cdef const uint32_t[::1] fv
     cdef int32_t[::1] ov
@@ -419,18 +393,17 @@ cdef _decode(words, freqs, count, shift, int strategy):
 
     try:
         n = operator.index(count)
-        sh = operator.index(shift)
     except (TypeError, OverflowError):
         raise ValueError("count and shift must be (small enough) integers") from None
     if n < 0:
         raise ValueError(f"count must be >= 0 (got {n})")
-    table_bits = _PRECISION - sh
-    if table_bits < 1 or table_bits > _MAX_TABLE_BITS:
-        raise ValueError(f"shift must be in {_PRECISION - _MAX_TABLE_BITS}..{_PRECISION - 1} (got {sh})")
+    table_bits = table_bits_of(shift)
+    sh = _PRECISION - table_bits
     wv = _as_words(words)
-    fv = _as_freqs(freqs)
+    # a private, checked copy (seqkv_ext.ans_tables): no other thread can change it while the GIL is released
+    fv = private_freqs(freqs, table_bits)
     n_words = wv.shape[0]
-    k = _check_freqs(fv, table_bits)
+    k = fv.shape[0]
     out = np.empty(n, dtype=np.int32)
     ov = out
     if n_words > 0:
@@ -442,11 +415,11 @@ cdef _decode(words, freqs, count, shift, int strategy):
     if rc == -1:
         raise MemoryError("out of memory building the ANS decode tables")
     if rc != 0:
-        raise ValueError("freqs changed while decoding (another thread?)")
-    return out, bool(clean)
+        raise ValueError("invalid freqs")  # unreachable: the private copy was checked
+    return out, bool(clean), k
 
 
-@cython.boundscheck(False)  # i < n_rows == rows.shape[0] == add.shape[0], rows[i] checked, j < tokens
+@cython.boundscheck(False)  # i < n_rows == rv.shape[0] == av.shape[0], rv[i] checked, j < tokens
 @cython.wraparound(False)
 def decode_rows(words, freqs, shift, int32_t[:, ::1] out, const int64_t[::1] rows, const int64_t[::1] add):
     """Decode ``len(rows) * out.shape[1]`` symbols straight into rows of ``out``:
@@ -455,23 +428,28 @@ def decode_rows(words, freqs, shift, int32_t[:, ::1] out, const int64_t[::1] row
     One pass where decode, the alphabet offset, a per-row offset and the scatter into a
     [rows, tokens] array took five.  Raises ValueError for invalid arguments, a row
     outside ``out``, or a sum outside int32 (checked before anything is written).
+    ``rows`` and ``add`` are copied before they are checked, and the scatter (without the
+    GIL) reads only the checked copies, so another thread changing them cannot move a write.
     """
     cdef Py_ssize_t n_rows = rows.shape[0], tokens = out.shape[1], total_rows = out.shape[0]
     cdef Py_ssize_t i, j, k
     cdef int64_t lo_add, hi_add
     if add.shape[0] != n_rows:
         raise ValueError(f"{add.shape[0]} offsets for {n_rows} rows")
+    own_rows = np.array(rows, dtype=np.int64, copy=True)
+    own_add = np.array(add, dtype=np.int64, copy=True)
+    cdef const int64_t[::1] rv = own_rows
+    cdef const int64_t[::1] av = own_add
     for i in range(n_rows):
-        if rows[i] < 0 or rows[i] >= total_rows:
-            raise ValueError(f"row {rows[i]} outside [0, {total_rows})")
-    symbols, clean = decode(words, freqs, n_rows * tokens, shift)
+        if rv[i] < 0 or rv[i] >= total_rows:
+            raise ValueError(f"row {rv[i]} outside [0, {total_rows})")
+    symbols, clean, k = _decode_k(words, freqs, n_rows * tokens, shift, _AUTO)
     if n_rows == 0 or tokens == 0:
         return clean
-    k = len(freqs)
-    lo_add, hi_add = add[0], add[0]
+    lo_add, hi_add = av[0], av[0]
     for i in range(n_rows):
-        lo_add = add[i] if add[i] < lo_add else lo_add
-        hi_add = add[i] if add[i] > hi_add else hi_add
+        lo_add = av[i] if av[i] < lo_add else lo_add
+        hi_add = av[i] if av[i] > hi_add else hi_add
     # symbols lie in [0, k): every sum stays inside int32 iff the extreme offsets do
     if lo_add < -(1 << 31) or hi_add + k - 1 >= (1 << 31):
         raise ValueError("decoded values would overflow int32")
@@ -482,8 +460,8 @@ def decode_rows(words, freqs, shift, int32_t[:, ::1] out, const int64_t[::1] row
     with nogil:
         for i in range(n_rows):
             src = &sv[i * tokens]
-            dst = &out[rows[i], 0]
-            a = <int32_t>add[i]
+            dst = &out[rv[i], 0]
+            a = <int32_t>av[i]
             for j in range(tokens):
                 dst[j] = src[j] + a
     return clean

@@ -22,36 +22,40 @@ from libc.stdint cimport int32_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 
-import operator
+from .ans_tables cimport ANS_PRECISION, private_freqs, table_bits_of
 
 import numpy as np
 
 __all__ = ["encode"]
 
 cdef enum:
-    _PRECISION = 24
-    _MAX_TABLE_BITS = 16
-    _MAX_ALPHABET = 32768
+    _PRECISION = ANS_PRECISION
 
 
 cdef Py_ssize_t _encode_nogil(const int32_t* idx, Py_ssize_t n, const uint32_t* freqs,
                               Py_ssize_t k, int shift, uint32_t* out) noexcept nogil:
     """Encode into ``out`` (room for n + 2 words); the word count, -1 when out of
-    memory, -2 for a symbol outside 0..k-1 (nothing is encoded then)."""
+    memory, -2 for a symbol outside 0..k-1 (``out`` then holds partial words, which the
+    caller discards).
+
+    ``freqs`` is a private, checked table (ans_tables.private_freqs).  ``idx`` may be the
+    caller's array: each symbol is read once, and that value is both checked and used, so
+    another thread writing the array meanwhile can change the words, never index outside ``tab``."""
     cdef uint64_t* tab = <uint64_t*>malloc(k * sizeof(uint64_t))  # f | cdf << 32
     cdef Py_ssize_t i, nw = 0
     cdef uint64_t state = 0, f, c, e, cum = 0
+    cdef uint32_t s
     if tab == NULL:
         return -1
     for i in range(k):
         tab[i] = (<uint64_t>freqs[i] << shift) | ((cum << shift) << 32)
         cum += freqs[i]
-    for i in range(n):  # a private pass, so that a bad symbol leaves no partial work
-        if <uint32_t>idx[i] >= <uint32_t>k:
+    for i in range(n - 1, -1, -1):
+        s = <uint32_t>idx[i]
+        if s >= <uint32_t>k:
             free(tab)
             return -2
-    for i in range(n - 1, -1, -1):
-        e = tab[idx[i]]
+        e = tab[s]
         f = <uint32_t>e
         c = e >> 32
         if (state >> (64 - _PRECISION)) >= f:
@@ -67,33 +71,6 @@ cdef Py_ssize_t _encode_nogil(const int32_t* idx, Py_ssize_t n, const uint32_t* 
             out[nw] = <uint32_t>(state >> 32)
             nw += 1
     return nw
-
-
-@cython.boundscheck(False)
-@cython.wraparound(False)
-cdef _check_freqs(const uint32_t[::1] fv, int table_bits):
-    cdef Py_ssize_t j, k = fv.shape[0]
-    cdef uint64_t total = 0
-    if k < 2 or k > _MAX_ALPHABET:
-        raise ValueError(f"alphabet of {k} symbols: need 2 <= K <= {_MAX_ALPHABET}")
-    for j in range(k):
-        if fv[j] == 0:
-            raise ValueError("every freq must be >= 1")
-        total += fv[j]
-    if total != (<uint64_t>1 << table_bits):
-        raise ValueError(f"freqs must sum to exactly 2**{table_bits} = {1 << table_bits} (got {total})")
-
-
-def _as_freqs(freqs):
-    arr = np.asarray(freqs)
-    if arr.ndim != 1:
-        raise ValueError(f"freqs must be 1-D (got ndim={arr.ndim})")
-    if arr.dtype.kind not in "iu":
-        raise ValueError(f"freqs must be integers (got {arr.dtype})")
-    if arr.dtype != np.uint32 and arr.size and (int(arr.min()) < 1 or int(arr.max()) > 0xFFFFFFFF):
-        raise ValueError("every freq must be >= 1 (and < 2**32)")
-    # a private copy: the table must not change while the GIL is released
-    return np.array(arr, dtype=np.uint32, copy=True, order="C")
 
 
 def _as_symbols(idx):
@@ -119,7 +96,7 @@ def encode(idx, freqs, shift):
     exactly ``2**(24 - shift)``; ``shift``: 24 minus the table bits, 8 <= shift <= 23.
     The result equals ``AnsCoder().encode_reverse(idx, Categorical(freqs / 2**(24 -
     shift), perfect=True))`` then ``get_compressed()``; ``seqkv_ext.ans.decode``
-    inverts it.  Raises ValueError for invalid arguments before encoding anything.
+    inverts it.  Raises ValueError for invalid arguments (and then returns nothing).
     """
     cdef const int32_t[::1] iv
     cdef const uint32_t[::1] fv
@@ -127,15 +104,10 @@ def encode(idx, freqs, shift):
     cdef uint32_t[::1] ov
     cdef Py_ssize_t n, k, nw
     cdef int sh, table_bits
-    try:
-        sh = operator.index(shift)
-    except (TypeError, OverflowError):
-        raise ValueError("shift must be a (small enough) integer") from None
-    table_bits = _PRECISION - sh
-    if table_bits < 1 or table_bits > _MAX_TABLE_BITS:
-        raise ValueError(f"shift must be in {_PRECISION - _MAX_TABLE_BITS}..{_PRECISION - 1} (got {sh})")
-    fv = _as_freqs(freqs)
-    _check_freqs(fv, table_bits)
+    table_bits = table_bits_of(shift)
+    sh = _PRECISION - table_bits
+    # a private, checked copy (seqkv_ext.ans_tables): no other thread can change it while the GIL is released
+    fv = private_freqs(freqs, table_bits)
     iv = _as_symbols(idx)
     n = iv.shape[0]
     k = fv.shape[0]
