@@ -12,6 +12,9 @@ guarantees the store relies on:
   create it, a reader never sees a partial entry);
 * ``move`` takes an item out of one area into another at once, and refuses to overwrite an entry.
 
+A backend that writes through temporary files lists them with ``temp_files`` (``gc`` removes old ones: a
+writer that crashed left them).
+
 Backends register their URL schemes with :func:`register_backend`; :func:`open_backend` looks them up.
 A backend module imports its client library (redis, boto3) only when a backend is opened.
 """
@@ -96,6 +99,16 @@ class Backend(ABC):
     def meta_list(self, folder: str) -> list:
         """The names directly under ``folder`` (``<kind>`` or ``<kind>/<64 hex>``), last part only, sorted."""
 
+    # -- temporary files ------------------------------------------------------------------------
+    def temp_files(self) -> list:
+        """``[(name, size in bytes, modification time)]`` of the backend's own temporary files (a write in
+        progress, or left by a writer that crashed); backends that write in place have none."""
+        return []
+
+    def delete_temp(self, name: str) -> bool:
+        """Remove a temporary file ``temp_files`` listed; True when it was there."""
+        return False
+
     def close(self) -> None:
         pass
 
@@ -128,7 +141,11 @@ def open_backend(url: str, *, fsync: bool = False, **options) -> Backend:
     or the scheme of any other registered backend."""
     if not isinstance(url, str):
         raise ConfigError(f"the store URL must be a string, got {type(url).__name__}")
-    cls = _SCHEMES.get(urlparse(url).scheme)
+    try:
+        scheme = urlparse(url).scheme
+    except ValueError as exc:
+        raise ConfigError(f"invalid store URL {url!r}: {exc}") from None
+    cls = _SCHEMES.get(scheme)
     if cls is None:
         raise ConfigError(f"unsupported store URL {url!r}: use file:///path, redis://host:port/db, s3://bucket/prefix "
                           f"or memory://name (registered schemes: {', '.join(backend_schemes())})")

@@ -6,6 +6,8 @@ small file each, written by temp file + rename).  A write goes to a temp file in
 asked) and is published with ``os.link`` (atomic and exclusive: it fails if the entry exists) or, where
 the file system has no hard links, ``os.replace`` after an existence check.  Setting an entry aside is an
 ``os.rename``; putting it back an ``os.link`` again.  The entry's mtime is its last-use time for LRU eviction.
+A temp file left by a writer that crashed is listed by ``temp_files`` (``gc`` removes it once old); a base's
+reference-record folder goes with its last record (``meta_set`` retries when that races a new record).
 """
 from __future__ import annotations
 
@@ -43,12 +45,18 @@ class DirBackend(Backend):
 
     @classmethod
     def from_url(cls, url: str, *, fsync: bool = False, **options) -> DirBackend:
-        parsed = urlparse(url)
-        if parsed.netloc not in ("", "localhost"):
+        try:
+            parsed = urlparse(url)
+            path = unquote(parsed.path)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"invalid file URL {url!r}: {exc}") from None
+        if parsed.netloc not in ("", "localhost") or not path:
             raise ConfigError(f"file URLs must be file:///absolute/path, got {url!r}")
+        if "\x00" in path:
+            raise ConfigError("the store path holds a NUL character")
         if options:
             raise ConfigError(f"unknown options for the directory backend: {sorted(options)}")
-        return cls(unquote(parsed.path), fsync=fsync)
+        return cls(path, fsync=bool(fsync))
 
     def _path(self, key: str) -> str:
         if not KEY_RE.match(key):
@@ -211,17 +219,20 @@ class DirBackend(Backend):
             raise StorageError(f"cannot move {area} item {name} to {to_area}: {exc}") from exc
         return dst
 
+    def temp_files(self) -> list:
+        return self._list_files(self.tmp_dir, None)
+
+    def delete_temp(self, name: str) -> bool:
+        if not isinstance(name, str) or not name or "/" in name or name in (".", "..") or "\x00" in name:
+            raise StorageError(f"invalid temporary file name {name!r}")
+        return self._unlink(os.path.join(self.tmp_dir, name), f"temporary file {name}")
+
     def cleanup_tmp(self, older_than: float = 3600.0) -> int:
-        """Remove temp files left by crashed writers."""
+        """Remove temp files older than ``older_than`` seconds (left by crashed writers)."""
         removed, now = 0, time.time()
-        for name in os.listdir(self.tmp_dir):
-            p = os.path.join(self.tmp_dir, name)
-            try:
-                if now - os.stat(p).st_mtime > older_than:
-                    os.unlink(p)
-                    removed += 1
-            except FileNotFoundError:
-                pass
+        for name, _, mtime in self.temp_files():
+            if now - mtime > older_than and self.delete_temp(name):
+                removed += 1
         return removed
 
     # -- side records ------------------------------------------------------------------------
@@ -249,7 +260,14 @@ class DirBackend(Backend):
         return self._read(self._meta_path(name), f"side record {name}")
 
     def meta_delete(self, name: str) -> bool:
-        return self._unlink(self._meta_path(name), f"side record {name}")
+        path = self._meta_path(name)
+        removed = self._unlink(path, f"side record {name}")
+        if name.startswith("refs/"):
+            try:  # a base's last reference record: its folder goes too (meta_set retries if it races)
+                os.rmdir(os.path.dirname(path))
+            except OSError:
+                pass
+        return removed
 
     def meta_list(self, folder: str) -> list:
         if not META_FOLDER_RE.match(folder):

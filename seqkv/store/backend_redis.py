@@ -2,7 +2,10 @@
 
 A write is one Lua script (atomic on the server): ``SET key data NX`` and, when it was set, ``ZADD`` of
 its last-use time, so that no two writers ever both create an entry.  Setting an entry aside (or putting
-it back) is a ``RENAMENX`` and the LRU record's update in one transaction.  Reference records of a base are
+it back) is a ``RENAMENX`` and the LRU record's update in one script, and so is a delete.  Each script
+checks first that the LRU record is a sorted set (or absent): when it is not, the call fails with a
+``StorageError`` and changes nothing.  A key of another type where an entry should be reads as a
+damaged entry (the store quarantines it).  Reference records of a base are
 one Redis set ``refs:<base>`` (``SADD``/``SREM``, atomic per record); the other side records are plain
 keys ``m:<name>``.  Option ``key_prefix`` (default ``seqkv:``) comes before every key.  Needs the ``redis``
 package, imported when a backend is opened.
@@ -12,15 +15,51 @@ from __future__ import annotations
 import time
 from urllib.parse import urlparse
 
-from ..errors import StorageError
+from ..errors import ConfigError, StorageError
 from .backend import AREAS, ASIDE_NAME_RE, ENTRIES, KEY_RE, META_FOLDER_RE, META_NAME_RE, Backend, register_backend
 
-_PUT_SCRIPT = """
+# the LRU record is a sorted set: a key of another type there (damage, or another program's key under this
+# prefix) is refused BEFORE anything is written, so a failed call leaves nothing behind
+_LRU_CHECK = """
+local t = redis.call('TYPE', KEYS[2])['ok']
+if t ~= 'zset' and t ~= 'none' then
+  return redis.error_reply('SEQKV_LRU_TYPE ' .. t)
+end
+"""
+
+_PUT_SCRIPT = _LRU_CHECK + """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX') then
   redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
   return 1
 end
 return 0
+"""
+
+# KEYS: source, LRU, destination; ARGV: the entry name leaving the LRU record ('' when the source is not an
+# entry), the entry name joining it ('' when the destination is not an entry), its time
+_MOVE_SCRIPT = """
+local t = redis.call('TYPE', KEYS[2])['ok']
+if t ~= 'zset' and t ~= 'none' then
+  return redis.error_reply('SEQKV_LRU_TYPE ' .. t)
+end
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return 0
+end
+if redis.call('RENAMENX', KEYS[1], KEYS[3]) == 0 then
+  return 0
+end
+if ARGV[1] ~= '' then
+  redis.call('ZREM', KEYS[2], ARGV[1])
+end
+if ARGV[2] ~= '' then
+  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
+end
+return 1
+"""
+
+_DELETE_SCRIPT = _LRU_CHECK + """
+redis.call('ZREM', KEYS[2], ARGV[1])
+return redis.call('DEL', KEYS[1])
 """
 
 
@@ -38,16 +77,36 @@ class RedisBackend(Backend):
         except ImportError as exc:
             raise StorageError("the redis backend needs the 'redis' package (pip install redis)") from exc
         self._redis_errors = (redis.RedisError, OSError)
-        parsed = urlparse(url)
+        self._response_error = redis.ResponseError
+        try:
+            parsed = urlparse(url)
+            where = f"{parsed.hostname}:{parsed.port}"
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"invalid redis URL {url!r}: {exc}") from None
         if parsed.scheme not in ("redis", "rediss"):
-            raise StorageError(f"not a redis URL: {url!r}")
+            raise ConfigError(f"not a redis URL: {url!r}")
+        if parsed.path.strip("/") and not parsed.path.strip("/").isdigit():
+            raise ConfigError(f"the path of a redis URL is the database number (redis://host:port/0), got {url!r}")
+        if not isinstance(key_prefix, str) or "*" in key_prefix or "?" in key_prefix or "[" in key_prefix:
+            raise ConfigError(f"key_prefix must be a string without glob characters (* ? [), got {key_prefix!r}")
+        if isinstance(socket_timeout, bool) or not isinstance(socket_timeout, (int, float)) or not socket_timeout > 0:
+            raise ConfigError(f"socket_timeout must be a positive number of seconds, got {socket_timeout!r}")
         self.prefix = key_prefix
         try:
             self.client = redis.Redis.from_url(url, socket_timeout=socket_timeout, **options)
+        except (TypeError, ValueError) as exc:  # an option redis-py does not know, a malformed URL
+            raise ConfigError(f"cannot open redis URL {url!r} with options {sorted(options)}: {exc}") from None
+        except self._redis_errors as exc:
+            raise StorageError(f"cannot connect to redis at {where}: {exc}") from exc
+        try:
             self.client.ping()
             self._put = self.client.register_script(_PUT_SCRIPT)
+            self._move = self.client.register_script(_MOVE_SCRIPT)
+            self._delete = self.client.register_script(_DELETE_SCRIPT)
+        except (TypeError, ValueError) as exc:  # options redis-py accepts but cannot use
+            raise ConfigError(f"cannot use redis at {where} with options {sorted(options)}: {exc}") from None
         except self._redis_errors as exc:
-            raise StorageError(f"cannot connect to redis at {parsed.hostname}:{parsed.port}: {exc}") from exc
+            raise StorageError(f"cannot connect to redis at {where}: {exc}") from exc
         self.lru_key = f"{self.prefix}lru"
 
     @classmethod
@@ -76,13 +135,31 @@ class RedisBackend(Backend):
         try:
             return fn(*args, **kw)
         except self._redis_errors as exc:
-            raise StorageError(f"redis {what} failed: {exc}") from exc
+            raise StorageError(f"redis {what} failed: {self._explain(exc)}") from exc
+
+    def _explain(self, exc) -> str:
+        text = str(exc)
+        if "SEQKV_LRU_TYPE" in text:
+            kind = text.split("SEQKV_LRU_TYPE", 1)[1].split()[0] if text.split("SEQKV_LRU_TYPE", 1)[1].split() else "?"
+            return (f"the store's LRU record {self.lru_key!r} holds a {kind}, not a sorted set (damaged, or another "
+                    "program's key under this key_prefix); nothing was changed: delete that key or use another key_prefix")
+        if "WRONGTYPE" in text:
+            return (f"{text} (a key under this store's key_prefix {self.prefix!r} has a type this store does not "
+                    "write: damaged, or another program's key)")
+        return text
 
     def _scan(self, pattern: str) -> list:
         return [_text(n) for n in self._call("SCAN", lambda: list(self.client.scan_iter(match=pattern, count=1000)))]
 
     def get(self, key: str):
-        return self._call("GET", self.client.get, self._k(key))
+        try:
+            return self.client.get(self._k(key))
+        except self._response_error as exc:
+            if "WRONGTYPE" in str(exc):
+                return b""  # not a string: not an entry this store wrote; the store quarantines it
+            raise StorageError(f"redis GET failed: {exc}") from exc
+        except self._redis_errors as exc:
+            raise StorageError(f"redis GET failed: {exc}") from exc
 
     def exists(self, key: str) -> bool:
         return bool(self._call("EXISTS", self.client.exists, self._k(key)))
@@ -94,11 +171,7 @@ class RedisBackend(Backend):
     def delete(self, name: str, area: str = ENTRIES) -> bool:
         if area != ENTRIES:
             return bool(self._call("DEL", self.client.delete, self._item(area, name)))
-        pipe = self.client.pipeline(transaction=True)
-        pipe.delete(self._k(name))
-        pipe.zrem(self.lru_key, name)
-        res = self._call("DEL", pipe.execute)
-        return bool(res[0])
+        return bool(self._call("DEL", self._delete, keys=[self._k(name), self.lru_key], args=[name]))
 
     def touch(self, key: str, when: float) -> None:
         # only entries that exist (a concurrent eviction must not leave a dangling LRU record)
@@ -115,31 +188,25 @@ class RedisBackend(Backend):
             pipe.strlen(n)
             if area == ENTRIES:
                 pipe.zscore(self.lru_key, n[len(head):])
-        res = self._call("STRLEN", pipe.execute)
+        # an item of another type (STRLEN refuses it) or a damaged LRU record reads as size 0 / time 0
+        res = self._call("STRLEN", pipe.execute, raise_on_error=False)
         step = 2 if area == ENTRIES else 1
         out = []
         for i, n in enumerate(names):
             size = res[step * i]
             score = res[step * i + 1] if area == ENTRIES else None
-            if size:
-                out.append((n[len(head):], int(size), float(score) if score is not None else 0.0))
+            if isinstance(size, int) and size:
+                ok = score is not None and not isinstance(score, Exception)
+                out.append((n[len(head):], int(size), float(score) if ok else 0.0))
         return out
 
     def move(self, area: str, name: str, to_area: str, to_name: str):
         src, dst = self._item(area, name), self._item(to_area, to_name)
-        pipe = self.client.pipeline(transaction=True)  # the rename and the LRU record change together
-        pipe.renamenx(src, dst)
-        if area == ENTRIES:
-            pipe.zrem(self.lru_key, name)
-        if to_area == ENTRIES:
-            pipe.zadd(self.lru_key, {to_name: time.time()})
-        try:
-            res = pipe.execute()
-        except self._redis_errors as exc:
-            if "no such key" in str(exc).lower():
-                return None
-            raise StorageError(f"cannot move {area} item {name} to {to_area}: {exc}") from exc
-        return dst if res[0] else None
+        # one script: the rename and the LRU record change together, and nothing changes when it fails
+        moved = self._call(f"move of {area} item {name} to {to_area}", self._move, keys=[src, self.lru_key, dst],
+                           args=[name if area == ENTRIES else "", to_name if to_area == ENTRIES else "",
+                                 repr(time.time())])
+        return dst if moved else None
 
     def close(self) -> None:
         try:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from urllib.parse import urlparse
 
-from ..errors import StorageError
+from ..errors import ConfigError, StorageError
 from .backend import AREAS, ASIDE_NAME_RE, ENTRIES, KEY_RE, META_FOLDER_RE, META_NAME_RE, Backend, register_backend
 
 _MISSING = ("NoSuchKey", "404", "NotFound")
@@ -32,14 +32,19 @@ class S3Backend(Backend):
             raise StorageError("the s3 backend needs boto3 (pip install boto3)") from exc
         self._ClientError = botocore.exceptions.ClientError
         self._errors = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, OSError)
-        parsed = urlparse(url)
+        try:
+            parsed = urlparse(url)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"invalid s3 URL {url!r}: {exc}") from None
         if parsed.scheme != "s3" or not parsed.netloc:
-            raise StorageError(f"not an s3://bucket/prefix URL: {url!r}")
+            raise ConfigError(f"not an s3://bucket/prefix URL: {url!r}")
         self.bucket = parsed.netloc
         prefix = parsed.path.strip("/")
         self.prefix = f"{prefix}/" if prefix else ""
         try:
             self.client = boto3.session.Session().client("s3", **options)
+        except (TypeError, ValueError) as exc:  # an option boto3 does not know, an invalid endpoint URL
+            raise ConfigError(f"cannot create the S3 client with options {sorted(options)}: {exc}") from None
         except self._errors as exc:
             raise StorageError(f"cannot create the S3 client: {exc}") from exc
 

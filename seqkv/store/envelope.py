@@ -39,8 +39,8 @@ def unpack_entry(data: bytes, key: str):
         raise ValueError("truncated envelope header")
     try:
         header = json.loads(data[start:start + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"envelope header is not JSON: {exc}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: JSON nested too deeply
+        raise ValueError(f"envelope header is not JSON: {type(exc).__name__}: {str(exc)[:200]}") from None
     if not isinstance(header, dict) or header.get("v") != ENVELOPE_VERSION:
         raise ValueError("unknown envelope version")
     payload = data[start + n:]
@@ -71,7 +71,7 @@ def envelope_version(data: bytes):
         if not bytes(data[:len(MAGIC)]) == MAGIC or n > MAX_HEADER_BYTES:
             return None
         return json.loads(bytes(data[len(MAGIC) + 4:len(MAGIC) + 4 + n]).decode("utf-8")).get("v")
-    except (struct.error, UnicodeDecodeError, ValueError, AttributeError):
+    except (struct.error, UnicodeDecodeError, ValueError, AttributeError, RecursionError):
         return None
 
 
