@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The fast test subset against the OLDEST transformers seqkv accepts (the lower bound of pyproject.toml's
 # "transformers>=..." requirement), in a throw-away venv built from a copy of this tree: the tree's own
-# extension build and the main environment are left alone.  Not part of .ci/run.
+# extension build and the main environment are left alone.  .ci/run runs it after the main test command.
 #
 #   bash .ci/transformers-oldest.sh [extra pytest arguments]
 #
@@ -10,7 +10,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 PY=${PYTHON:-python3}
-TESTS=(tests/test_model_calls.py tests/test_codec.py tests/test_prompt_cache.py)
+TESTS=(tests/test_model_calls.py tests/test_codec.py tests/test_prompt_cache.py tests/test_testing_public.py
+       tests/test_shipped_profile.py tests/test_import_cost.py)
 
 OLDEST=$("$PY" - <<'EOF'
 import re

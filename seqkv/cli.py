@@ -9,19 +9,23 @@ import time
 
 from .errors import SeqKVError
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_TEXT = os.path.join(REPO, "bench", "texts", "psf_license.txt")
-CALIBRATION_DIR = os.path.join(REPO, "bench", "calibration")
+# package data (seqkv/data/, see the PROVENANCE.md files there): the command line needs no checkout
+DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+DEFAULT_TEXT = os.path.join(DATA_DIR, "texts", "psf_license.txt")
+DEFAULT_TEXT_NAME = "psf_license.txt (CPython's LICENSE, packaged)"
+CALIBRATION_DIR = os.path.join(DATA_DIR, "calibration")
 PRESET_ORDER = ("lossless", "near_lossless", "balanced", "small")
+DEMO_TARGETS = (0.01, 0.001)   # the calibrated rows of `seqkv demo`
+
+
+def calibration_texts() -> list[str]:
+    """The packaged calibration texts (what `seqkv calibrate` reads by default), sorted."""
+    return sorted(os.path.join(CALIBRATION_DIR, f) for f in os.listdir(CALIBRATION_DIR) if f.endswith(".txt"))
 
 
 def _read_text(path: str | None) -> str:
     if path is None:
         path = DEFAULT_TEXT
-        if not os.path.exists(path):  # installed without the repo: fall back to a stdlib text
-            import sysconfig
-
-            path = os.path.join(sysconfig.get_paths()["stdlib"], "LICENSE.txt")
     try:
         with open(path, encoding="utf-8") as f:
             return f.read()
@@ -29,9 +33,12 @@ def _read_text(path: str | None) -> str:
         raise SeqKVError(f"cannot read text file {path!r}: {exc.strerror}") from None
 
 
-def _model():
-    from .embedded_model import load_embedded_model
+def _model(path: str | None = None):
+    from .embedded_model import load_embedded_model, load_local_model
 
+    if path is not None:
+        print(f"loading the model in {path}...", file=sys.stderr)
+        return load_local_model(path)
     print("loading the embedded model (SmolLM2-135M-Instruct, GGUF)...", file=sys.stderr)
     return load_embedded_model()
 
@@ -51,47 +58,72 @@ def _prefill_text(model, tokenizer, text: str, tokens: int, cache_dtype: str):
 
 
 def cmd_demo(args) -> int:
+    """Every preset and the calibrated codec on one real cache: size, measured KL and greedy agreement."""
     from . import codec
     from .generation import greedy_continue
-    from .quality import clone_cache
+    from .hf_adapter import DTYPES_BY_NAME
+    from .quality import QualityProbe, clone_cache
 
     import torch
 
+    if args.tokens < 8 or args.kl_tokens < 1 or args.new_tokens < 1:
+        raise SeqKVError("--tokens must be at least 8, --kl-tokens and --new-tokens at least 1")
+    profile = _load_profile(args.profile)
     model, tokenizer = _model()
-    text = _read_text(args.text)
-    # the cache holds tokens [0, P-1); token P-1 is then fed at position P-1 to start generating
-    n_text = len(tokenizer(text).input_ids)
-    ids, n, cache = _prefill_text(model, tokenizer, text, min(args.tokens, n_text) - 1, args.cache_dtype)
-    n += 1
-    last = int(ids[0, n - 1])
-    model_dtype = next(model.parameters()).dtype
-    print(f"prefilled {n - 1} tokens of {args.text or 'bench/texts/psf_license.txt'}; cache dtype {args.cache_dtype}",
+    ids = tokenizer(_read_text(args.text), return_tensors="pt").input_ids
+    n_text = ids.shape[1]
+    # the cache holds tokens [0, P); the next C tokens are teacher-forced for the KL, and token P starts
+    # the greedy continuation at position P
+    kl_tokens = min(args.kl_tokens, n_text // 4)
+    prompt = min(args.tokens, n_text - kl_tokens - 1)
+    if prompt < 8 or kl_tokens < 1:
+        raise SeqKVError(f"the text has only {n_text} tokens: too few for a demo")
+    if prompt < args.tokens:
+        print(f"note: the text has only {n_text} tokens; prefilling {prompt}", file=sys.stderr)
+    probe = QualityProbe(model, ids, prompt, kl_tokens, cache_dtype=DTYPES_BY_NAME[args.cache_dtype])
+    cache, model_dtype, first = probe.cache, probe.model_dtype, int(ids[0, prompt])
+    print(f"prefilled {prompt} tokens of {args.text or DEFAULT_TEXT_NAME}; cache dtype {args.cache_dtype}; "
+          f"KL over the next {kl_tokens} tokens (teacher-forced), greedy agreement over {args.new_tokens} new tokens",
           file=sys.stderr)
-    reference = greedy_continue(model, clone_cache(cache, model_dtype), last, n - 1, args.new_tokens)
+    reference = greedy_continue(model, clone_cache(cache, model_dtype), first, prompt, args.new_tokens)
     raw = sum(layer.keys.numel() * 2 * 2 for layer in cache.layers)
     print(f"\nreference continuation: {tokenizer.decode(reference)!r}\n")
-    print("| preset | bytes | ratio vs fp16 | bits/elem | encode ms | decode ms | greedy tokens identical |")
-    print("|---|---|---|---|---|---|---|")
-    print(f"| (fp16 raw) | {raw} | 1.00x | 16.000 | – | – | {args.new_tokens}/{args.new_tokens} |")
+    print("| codec | bytes | ratio vs fp16 | bits/elem | mean KL | top-1 | greedy tokens identical | encode ms | decode ms |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"| (fp16 raw) | {raw} | 1.00x | 16.000 | 0 | 1.000 | {args.new_tokens}/{args.new_tokens} | – | – |")
+    rows = [(preset, {"preset": preset}) for preset in PRESET_ORDER]
+    rows += [(f"calibrated, target_kl={t:g}", {"target_kl": t, **({"profile": profile} if profile else {})})
+             for t in DEMO_TARGETS]
     ok = True
-    for preset in PRESET_ORDER:
+    for name, kwargs in rows:
         t0 = time.perf_counter()
-        blob = codec.encode(cache, preset=preset, model=model)
+        blob = codec.encode(cache, model=model, **kwargs)
         t1 = time.perf_counter()
-        decoded = codec.decode(blob, dtype=model_dtype)
+        decoded = codec.decode(blob, dtype=model_dtype, profile=kwargs.get("profile"))
         t2 = time.perf_counter()
         info = codec.inspect(blob)
-        got = greedy_continue(model, decoded, last, info["positions"]["next"], args.new_tokens)
+        quality = probe.score(decoded, next_position=info["positions"]["next"])
+        got = greedy_continue(model, decoded, first, info["positions"]["next"], args.new_tokens)
         same = next((i for i, (a, b) in enumerate(zip(got, reference)) if a != b), len(reference))
         match = sum(a == b for a, b in zip(got, reference))
-        print(f"| {preset} | {len(blob)} | {info['ratio_vs_fp16']:.2f}x | {info['bits_per_element']:.3f} | "
-              f"{1000 * (t1 - t0):.0f} | {1000 * (t2 - t1):.0f} | {match}/{len(reference)} (first {same} in a row) |")
-        if preset == "lossless":
+        print(f"| {name} | {len(blob)} | {info['ratio_vs_fp16']:.2f}x | {info['bits_per_element']:.3f} | "
+              f"{quality.mean_kl:.4f} | {quality.top1_agreement:.3f} | {match}/{len(reference)} (first {same} in a row) | "
+              f"{1000 * (t1 - t0):.0f} | {1000 * (t2 - t1):.0f} |", flush=True)
+        if name == "lossless":
             exact = all(torch.equal(a.keys, b.keys.to(a.keys.dtype)) and torch.equal(a.values, b.values.to(a.values.dtype))
                         for a, b in zip(cache.layers, codec.decode(blob).layers))
             ok &= exact and got == reference
-    print("\nlossless: bit-exact round trip and identical greedy continuation:", "yes" if ok else "NO")
+    used = profile if profile is not None else _shipped_profile(model)
+    print(f"\ncalibrated rows: profile {used.codec_hash[:16]}… ({'given' if profile else 'shipped with seqkv'}); "
+          "mean KL and top-1 measured against the uncompressed cache, not predicted")
+    print("lossless: bit-exact round trip and identical greedy continuation:", "yes" if ok else "NO")
     return 0 if ok else 1
+
+
+def _shipped_profile(model):
+    from .shipped_profiles import shipped_profile
+
+    return shipped_profile(model)
 
 
 def cmd_encode(args) -> int:
@@ -119,8 +151,11 @@ def _encode_options(args) -> dict:
     targets = {k: v for k, v in [("target_kl", args.target_kl), ("bits_per_element", args.bits_per_element),
                                  ("max_bytes", args.max_bytes)] if v is not None}
     if args.profile is None:
-        if targets:
-            raise SeqKVError("--target-kl / --bits-per-element / --max-bytes need --profile")
+        if targets:   # the calibrated codec with the profile seqkv ships for the model
+            if args.preset is not None or args.step is not None:
+                raise SeqKVError("--target-kl / --bits-per-element / --max-bytes select the calibrated codec: "
+                                 "leave out --preset and --step")
+            return targets
         options = {"preset": args.preset or "balanced"}
         if args.step is not None:
             options["step"] = args.step
@@ -159,10 +194,12 @@ def _pruner_from_args(args):
 def _add_encode_options(parser) -> None:
     parser.add_argument("--preset", choices=PRESET_ORDER, help="codec preset without a profile (default balanced)")
     parser.add_argument("--step", type=float, help="quality knob: quantizer step relative to RMS (lossy presets)")
-    parser.add_argument("--profile", help="a calibrated model profile (seqkv calibrate): the calibrated codec")
-    parser.add_argument("--target-kl", type=float, help="with --profile: predicted mean KL to meet (default 0.01)")
-    parser.add_argument("--bits-per-element", type=float, help="with --profile: the rate to meet instead")
-    parser.add_argument("--max-bytes", type=int, help="with --profile: a byte budget the container never exceeds")
+    parser.add_argument("--profile", help="a calibrated model profile (seqkv calibrate): the calibrated codec "
+                                          "(without it, a rate target below uses the profile shipped for the model)")
+    parser.add_argument("--target-kl", type=float, help="the calibrated codec: predicted mean KL to meet (default "
+                                                        "0.01 with --profile)")
+    parser.add_argument("--bits-per-element", type=float, help="the calibrated codec: the rate to meet instead")
+    parser.add_argument("--max-bytes", type=int, help="the calibrated codec: a byte budget the container never exceeds")
 
 
 def _write_atomic(path: str, data: bytes) -> None:
@@ -250,8 +287,10 @@ def cmd_inspect(args) -> int:
 def cmd_calibrate(args) -> int:
     from .calibrate import calibrate
 
-    paths = args.text or sorted(os.path.join(CALIBRATION_DIR, f) for f in os.listdir(CALIBRATION_DIR) if f.endswith(".txt"))
-    model, tokenizer = _model()
+    paths = args.text or calibration_texts()
+    for path in paths:   # a missing text fails before the (slow) model load
+        _read_text(path)
+    model, tokenizer = _model(args.model)
     t0 = time.perf_counter()
     if args.add_triattention:   # extend an existing profile: same codec part, so its containers still decode
         from .pruning.triattention import calibrate as calibrate_triattention
@@ -273,14 +312,23 @@ def cmd_calibrate(args) -> int:
 def cmd_analyze(args) -> int:
     from .analyze import analyze
 
+    from . import codec
+    from .shipped_profiles import profile_for_ref
+
     profile = _load_profile(args.profile)
     if args.input:
-        result = analyze(_read_bytes(args.input), profile=profile)
+        data = _read_bytes(args.input)
+        if profile is None:   # a container made with the shipped profile
+            profile = profile_for_ref((codec.inspect(data)["profile"] or {}).get("sha256"))
+        result = analyze(data, profile=profile)
         what = args.input
     else:
         model, tokenizer = _model()
         _, n, cache = _prefill_text(model, tokenizer, _read_text(args.text), args.tokens, "float16")
-        result = analyze(cache, model=model, **_encode_options(args))
+        options = _encode_options(args)
+        if "preset" not in options and "profile" not in options:
+            options["profile"] = _shipped_profile(model)
+        result = analyze(cache, model=model, **options)
         what = f"{os.path.basename(args.text or DEFAULT_TEXT)}, {n} tokens"
     table = result.markdown()
     print(table)
@@ -459,7 +507,7 @@ def _add_store_parser(sub) -> None:
         q.add_argument("--backend-option", action="append", metavar="NAME=VALUE",
                        help="backend option (repeatable), e.g. key_prefix=... (redis) or endpoint_url=... (s3)")
         if model:
-            q.add_argument("--text", help="text file (default: bench/texts/psf_license.txt)")
+            q.add_argument("--text", help="text file (default: the packaged psf_license.txt)")
             q.add_argument("--tokens", type=int, default=2048, help="leading tokens of the text (default 2048)")
             q.add_argument("--preset", default="lossless", choices=PRESET_ORDER,
                            help="the store's preset (part of every key; default lossless)")
@@ -501,14 +549,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="encode a real cache at every preset and continue generation from it")
-    d.add_argument("--text", help="text file to prefill (default: bench/texts/psf_license.txt)")
+    d.add_argument("--text", help="text file to prefill (default: the packaged psf_license.txt)")
     d.add_argument("--tokens", type=int, default=2048, help="prompt tokens (default 2048)")
+    d.add_argument("--kl-tokens", type=int, default=256,
+                   help="continuation tokens teacher-forced to measure the KL and top-1 (default 256)")
     d.add_argument("--new-tokens", type=int, default=32, help="greedy tokens to generate (default 32)")
     d.add_argument("--cache-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    d.add_argument("--profile", help="the calibrated rows' profile (default: the one shipped for the embedded model)")
     d.set_defaults(func=cmd_demo)
 
     e = sub.add_parser("encode", help="prefill a text with the embedded model and write the encoded cache")
-    e.add_argument("--text", help="text file (default: bench/texts/psf_license.txt)")
+    e.add_argument("--text", help="text file (default: the packaged psf_license.txt)")
     e.add_argument("--tokens", type=int, default=2048)
     _add_encode_options(e)
     e.add_argument("--cache-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
@@ -536,7 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=cmd_inspect)
 
     v = sub.add_parser("eval", help="ratio, KL, top-1, perplexity ratio and MB/s on real text, with baselines")
-    v.add_argument("--text", action="append", help="text file (repeatable; default bench/texts/psf_license.txt)")
+    v.add_argument("--text", action="append", help="text file (repeatable; default: the packaged psf_license.txt)")
     v.add_argument("--presets", nargs="*", default=list(PRESET_ORDER), choices=PRESET_ORDER)
     v.add_argument("--config", action="append", metavar="NAME=JSON",
                    help='an extra row: encode() keywords as JSON, e.g. hadamard=\'{"preset": "balanced", "rotation": "hadamard"}\'')
@@ -545,7 +596,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--cache-dtype", default="float16", choices=["float16", "bfloat16"])
     v.add_argument("--repeat", type=int, default=1, help="timing repeats (best is kept)")
     v.add_argument("--profile", help="a calibrated profile: --config rows without a preset use it "
-                   "(e.g. t01='{\"target_kl\": 0.01}')")
+                   "(e.g. t01='{\"target_kl\": 0.01}'; default: the profile shipped for the embedded model)")
     v.add_argument("--json", help="also write the rows as JSON here")
     v.add_argument("--markdown", help="also write the tables as markdown here")
     v.set_defaults(func=cmd_eval)
@@ -560,7 +611,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.set_defaults(func=cmd_analyze)
 
     c = sub.add_parser("calibrate", help="calibrate a model profile (KLT, sensitivities) on real text")
-    c.add_argument("--text", action="append", help="text file (repeatable; default: bench/calibration/*.txt)")
+    c.add_argument("--text", action="append", help="text file (repeatable; default: the packaged calibration "
+                   "texts, seqkv/data/calibration/*.txt)")
+    c.add_argument("--model", metavar="DIR", help="calibrate this local Hugging Face model folder (config, weights and "
+                   "tokenizer; nothing is downloaded) instead of the embedded SmolLM2-135M-Instruct")
     c.add_argument("--tokens", type=int, default=2048, help="tokens per text (default 2048)")
     c.add_argument("--continuation-len", type=int, default=256)
     c.add_argument("-o", "--output", required=True, help="profile file to write (.safetensors)")

@@ -42,3 +42,23 @@ def load_embedded_model(dtype: str = "float32"):
     model = AutoModelForCausalLM.from_pretrained(path, gguf_file=GGUF_FILE, dtype=getattr(torch, dtype))
     model.eval()
     return model, tokenizer
+
+
+def load_local_model(path: str, dtype: str = "float32"):
+    """``(model, tokenizer)`` from a local Hugging Face model folder (``save_pretrained`` layout: config,
+    weights and tokenizer files), in eval mode on the CPU; nothing is downloaded.  For calibrating a
+    profile of a model seqkv ships none for (``seqkv calibrate --model DIR``)."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not os.path.isdir(path):
+        raise ConfigError(f"--model {path!r}: not a folder (a local Hugging Face model folder is needed)")
+    transformers.logging.set_verbosity_error()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=getattr(torch, dtype))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load a model and tokenizer from {path!r}: {exc}") from None
+    model.eval()
+    return model, tokenizer

@@ -27,6 +27,14 @@ File format: a safetensors file (tensors ``layer.{i}.{kind}.{mean,basis,eigvals,
 and ``layer.{i}.{kind}.cross`` for i >= 1, float32; version 2 adds ``triattention.{mean_re,mean_im,mean_abs}``)
 whose ``__metadata__`` has one key, ``seqkv_profile``, a JSON object (see ``docs/format.md``, "Profile files").
 No pickle.
+
+Compact files (``Profile.save(path, compact=True)``; what seqkv ships, :mod:`seqkv.shipped_profiles`):
+the same profile file, losslessly packed: ``COMPACT_MAGIC`` (8 bytes), the SHA-256 of the profile file (32
+bytes), its length (uint64 little-endian), then one zstd frame of the file with every float32 of the tensor
+data byte-shuffled (the four bytes of each float in four planes).  Loading one unpacks it and checks the
+SHA-256, so a compact file always loads to the same profile file bytes, and so the same ``codec_hash``.
+:meth:`Profile.rounded` makes the bytes worth packing: it keeps fewer mantissa bits in the bases and
+cross-layer maps (a new profile, with its own hash), whose zeroed low bytes zstd then drops.
 """
 from __future__ import annotations
 
@@ -39,6 +47,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import zstandard
 
 from .errors import ConfigError, ModelMismatchError
 from .layout import ModelLayout
@@ -51,6 +60,9 @@ TRIATTENTION_TENSORS = ("mean_re", "mean_im", "mean_abs")
 KINDS = ("keys", "values")
 MAX_PROFILE_BYTES = 1 << 31
 MAX_METADATA_BYTES = 1 << 24
+COMPACT_MAGIC = b"SKVPRFZ\x01"   # a compact (packed) profile file, format 1
+COMPACT_HEAD = len(COMPACT_MAGIC) + 32 + 8
+COMPACT_ZSTD_LEVEL = 19
 
 
 class ProfileError(ConfigError):
@@ -166,10 +178,32 @@ class Profile:
         return Profile(self.layout, self.sink_tokens, self.parts, self.kl_gain, dict(self.info), calibration,
                        _codec_bytes=self.codec_bytes())
 
-    def save(self, path: str | os.PathLike) -> None:
+    def rounded(self, basis_bits: int = 14, cross_bits: int = 10) -> "Profile":
+        """A copy whose KLT bases keep ``basis_bits`` and cross-layer maps ``cross_bits`` of float32's 23
+        explicit mantissa bits (round to nearest, ties to even, on the bit pattern: exact and the same on
+        every machine); means, eigenvalues, weights and sensitivities are kept.  The low bytes become zero,
+        so a compact file (``save(path, compact=True)``) of it is about half the size.  It is a new profile
+        with its own ``codec_hash`` (its ``info["rounded"]`` names the one it came from), checked like a
+        loaded one (14 bits keep the bases orthonormal to about 3e-5; the check allows 1e-4)."""
+        for bits in (basis_bits, cross_bits):
+            if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 23:
+                raise ConfigError(f"mantissa bits must be an int in [1, 23], got {bits!r}")
+        parts = {key: LayerKindProfile(p.mean, round_mantissa(p.basis, basis_bits), p.eigvals, p.weights,
+                                       p.sensitivity, None if p.cross is None else round_mantissa(p.cross, cross_bits))
+                 for key, p in self.parts.items()}
+        info = dict(self.info, rounded={"basis_mantissa_bits": basis_bits, "cross_mantissa_bits": cross_bits,
+                                        "from_codec_sha256": self.codec_hash})
+        out = Profile(self.layout, self.sink_tokens, parts, self.kl_gain, info, self.triattention)
+        return Profile.from_bytes(out.to_bytes(), what="the rounded profile")
+
+    def save(self, path: str | os.PathLike, compact: bool = False) -> None:
+        """Write the profile file (or, with ``compact``, its packed form: see the module docstring)."""
+        data = self.to_bytes()
+        if compact:
+            data = pack_profile_bytes(data)
         tmp = f"{os.fspath(path)}.tmp-{os.getpid()}"
         with open(tmp, "wb") as f:
-            f.write(self.to_bytes())
+            f.write(data)
         os.replace(tmp, path)
 
     @classmethod
@@ -186,7 +220,11 @@ class Profile:
 
     @classmethod
     def from_bytes(cls, data: bytes, what: str = "profile") -> "Profile":
-        meta, tensors = _read_safetensors(bytes(data), what)
+        """A profile from the bytes of a profile file, plain or compact."""
+        data = bytes(data)
+        if data[:len(COMPACT_MAGIC)] == COMPACT_MAGIC:
+            data = unpack_profile_bytes(data, what)
+        meta, tensors = _read_safetensors(data, what)
         if meta.get("format") != PROFILE_FORMAT:
             raise ProfileError(f"{what}: not a seqkv profile (format {meta.get('format')!r})")
         version = meta.get("version")
@@ -261,6 +299,59 @@ class Profile:
     def predicted_kl(self, mse: dict) -> float:
         """The linear model: kl_gain * sum over tensors of sensitivity * weighted MSE per element."""
         return self.kl_gain * sum(self.parts[k].sensitivity * v for k, v in mse.items())
+
+
+def round_mantissa(t: torch.Tensor, bits: int) -> torch.Tensor:
+    """float32 ``t`` with ``bits`` explicit mantissa bits (round to nearest, ties to even), exactly."""
+    u = t.to(torch.float32).contiguous().numpy().view(np.uint32).astype(np.uint64)
+    drop = 23 - bits
+    if drop > 0:
+        u = ((u + (1 << (drop - 1)) - 1 + ((u >> drop) & 1)) >> drop) << drop
+    return torch.from_numpy(u.astype(np.uint32).view(np.float32).reshape(t.shape).copy())
+
+
+def _tensor_data_start(data: bytes) -> int:
+    """Where a safetensors file's tensor data begins (8 + header length), clamped to the file."""
+    if len(data) < 8:
+        return len(data)
+    return min(len(data), 8 + struct.unpack("<Q", data[:8])[0])
+
+
+def _shuffle4(body: bytes, inverse: bool = False) -> bytes:
+    """The bytes of each 4-byte word in four planes (or back); a tail of < 4 bytes stays as it is."""
+    whole = len(body) - len(body) % 4
+    a = np.frombuffer(body, dtype=np.uint8, count=whole)
+    a = a.reshape(4, -1).T if inverse else a.reshape(-1, 4).T
+    return a.tobytes() + bytes(body[whole:])
+
+
+def pack_profile_bytes(data: bytes, level: int = COMPACT_ZSTD_LEVEL) -> bytes:
+    """The compact form of a profile file's bytes (lossless; see the module docstring)."""
+    data = bytes(data)
+    start = _tensor_data_start(data)
+    frame = zstandard.ZstdCompressor(level=level).compress(data[:start] + _shuffle4(data[start:]))
+    return COMPACT_MAGIC + hashlib.sha256(data).digest() + struct.pack("<Q", len(data)) + frame
+
+
+def unpack_profile_bytes(data: bytes, what: str = "profile") -> bytes:
+    """The profile file a compact one holds, checked against the SHA-256 and length it records."""
+    if len(data) < COMPACT_HEAD or data[:len(COMPACT_MAGIC)] != COMPACT_MAGIC:
+        raise ProfileError(f"{what}: not a compact seqkv profile")
+    digest = data[len(COMPACT_MAGIC):len(COMPACT_MAGIC) + 32]
+    (size,) = struct.unpack("<Q", data[COMPACT_HEAD - 8:COMPACT_HEAD])
+    if size > MAX_PROFILE_BYTES:
+        raise ProfileError(f"{what}: {size} bytes unpacked is over the {MAX_PROFILE_BYTES}-byte cap for profiles")
+    try:
+        packed = zstandard.ZstdDecompressor().decompress(data[COMPACT_HEAD:], max_output_size=size)
+    except zstandard.ZstdError as exc:
+        raise ProfileError(f"{what}: corrupt compact profile ({exc})") from None
+    if len(packed) != size:
+        raise ProfileError(f"{what}: compact profile unpacks to {len(packed)} bytes, its header says {size}")
+    start = _tensor_data_start(packed)
+    out = packed[:start] + _shuffle4(packed[start:], inverse=True)
+    if hashlib.sha256(out).digest() != digest:
+        raise ProfileError(f"{what}: compact profile does not unpack to the SHA-256 it records")
+    return out
 
 
 def _save(tensors: dict, meta: dict) -> bytes:

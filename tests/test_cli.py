@@ -39,6 +39,8 @@ def test_errors_exit_2_with_a_message(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_encode_inspect_decode_demo_eval(tmp_path, capsys):
+    from seqkv.embedded_model import load_embedded_model
+
     skv = tmp_path / "c.skv"
     assert main(["encode", "--tokens", "200", "--preset", "small", "-o", str(skv)]) == 0
     assert seqkv.inspect(skv.read_bytes())["tokens"] == 200
@@ -49,9 +51,21 @@ def test_encode_inspect_decode_demo_eval(tmp_path, capsys):
     assert info["pruning"]["source_tokens"] == 200 and info["positions"]["next"] == 200
     assert main(["decode", str(pruned), "-o", str(tmp_path / "p.safetensors")]) == 0
     assert load_file(str(tmp_path / "p.safetensors"))["layer.0.kept.0"].numel() == 100
-    assert main(["demo", "--tokens", "300", "--new-tokens", "4"]) == 0
+    assert main(["demo", "--tokens", "300", "--kl-tokens", "32", "--new-tokens", "4"]) == 0
     out = capsys.readouterr().out
     assert "| balanced |" in out and "identical greedy continuation: yes" in out
+    rows = {line.split("|")[1].strip(): line.split("|")[2:] for line in out.splitlines() if line.startswith("| ")}
+    for name in ("calibrated, target_kl=0.01", "calibrated, target_kl=0.001"):   # measured KL and top-1 columns
+        assert 0 < float(rows[name][3]) < 0.2 and 0.5 < float(rows[name][4]) <= 1
+    assert float(rows["lossless"][3]) == 0 and float(rows["lossless"][4]) == 1
+    assert int(rows["calibrated, target_kl=0.01"][0]) < int(rows["calibrated, target_kl=0.001"][0])
+    assert "shipped with seqkv" in out
+    # a rate target without --profile: the shipped profile
+    shipped = tmp_path / "s.skv"
+    assert main(["encode", "--tokens", "200", "--target-kl", "0.01", "-o", str(shipped)]) == 0
+    model, _ = load_embedded_model()
+    assert seqkv.inspect(shipped.read_bytes())["profile"]["sha256"] == seqkv.shipped_profile(model).codec_hash
+    assert main(["decode", str(shipped), "-o", str(tmp_path / "s.safetensors")]) == 0
     js = tmp_path / "r.json"
     md = tmp_path / "r.md"
     assert main(["eval", "--prompt-len", "256", "--continuation-len", "32", "--presets", "lossless", "small",
@@ -129,9 +143,53 @@ def test_calibrated_container_needs_its_profile_on_the_command_line(tmp_path, ca
     assert main(["analyze", GOLDEN_CALIBRATED, "--profile", str(bad)]) == 2
 
 
-def test_rate_targets_need_a_profile(tmp_path, capsys):
-    assert main(["encode", "--target-kl", "0.01", "-o", str(tmp_path / "x.skv")]) == 2
-    assert "--profile" in capsys.readouterr().err
+def test_rate_targets_select_the_calibrated_codec_not_a_preset(tmp_path, capsys):
+    # without --profile a rate target uses the profile shipped for the model (slow test below); with a preset it
+    # is refused before the model loads
+    for extra in (["--preset", "balanced"], ["--step", "0.2"]):
+        assert main(["encode", "--target-kl", "0.01", *extra, "-o", str(tmp_path / "x.skv")]) == 2
+        assert "leave out --preset and --step" in capsys.readouterr().err
+
+
+def test_default_texts_ship_in_the_package_as_copies_of_bench():
+    from seqkv import cli
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    package = os.path.dirname(os.path.abspath(cli.__file__))
+    assert cli.DEFAULT_TEXT.startswith(package) and cli.CALIBRATION_DIR.startswith(package)
+    texts = cli.calibration_texts()
+    assert [os.path.basename(p) for p in texts] == ["calib_argparse.txt", "calib_topics.txt", "calib_unittest.txt"]
+    pairs = [(cli.DEFAULT_TEXT, os.path.join(root, "bench", "texts", "psf_license.txt"))]
+    pairs += [(p, os.path.join(root, "bench", "calibration", os.path.basename(p))) for p in texts]
+    for packaged, bench in pairs:
+        with open(packaged, "rb") as a, open(bench, "rb") as b:
+            assert a.read() == b.read(), packaged
+    for folder in (os.path.dirname(cli.DEFAULT_TEXT), cli.CALIBRATION_DIR):
+        assert os.path.exists(os.path.join(folder, "PROVENANCE.md"))
+
+
+def test_calibrate_a_local_model_folder(tmp_path, capsys):
+    """`seqkv calibrate --model DIR`: what the shipped-profile error tells users of other models to run."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from conftest import tiny_model
+
+    words = [f"w{i}" for i in range(95)]
+    core = Tokenizer(models.WordLevel({w: i + 1 for i, w in enumerate(words)} | {"[UNK]": 0}, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    folder = tmp_path / "tiny-llama"
+    PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]").save_pretrained(folder)
+    tiny_model("llama").save_pretrained(folder)
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(words[(i * 7) % 95] for i in range(300)))
+    out = tmp_path / "tiny.profile"
+    assert main(["calibrate", "--model", str(folder), "--text", str(text), "--tokens", "200",
+                 "--continuation-len", "32", "-o", str(out)]) == 0
+    profile = seqkv.Profile.load(out)
+    assert profile.layout.fingerprint == seqkv.layout_from_model(tiny_model("llama")).fingerprint
+    assert main(["calibrate", "--model", str(tmp_path / "nowhere"), "-o", str(out)]) == 2
+    assert "not a folder" in capsys.readouterr().err
 
 
 @pytest.mark.slow
