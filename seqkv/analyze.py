@@ -28,6 +28,7 @@ from .format import open_container
 from .format.pipeline import KINDS, section_name
 from .hf_adapter import cache_layers
 from .errors import ConfigError
+from .profile import Profile
 from .stages.base import CodingState, TensorContext
 from .stages.klt import KLTransform, rows_of
 from .stages.rope import PreRope
@@ -151,6 +152,8 @@ def analyze(cache_or_data, *, profile=None, model=None, original=None, **encode_
     basis).  The distortions are measured against ``original`` (the cache, when a cache is given);
     without it the Gaussian columns are left out.
     """
+    if profile is not None and not isinstance(profile, Profile):
+        raise ConfigError(f"profile must be a seqkv.Profile, got {type(profile).__name__}")
     if isinstance(cache_or_data, (bytes, bytearray, memoryview)):
         data = bytes(cache_or_data)
     else:
@@ -167,6 +170,9 @@ def analyze(cache_or_data, *, profile=None, model=None, original=None, **encode_
     if basis is not None:
         basis.check_model(h.layout)
     orig_layers = cache_layers(original) if original is not None else None
+    if orig_layers is not None and (len(orig_layers), *orig_layers[0][0].shape) != (h.layers, h.kv_heads, h.tokens, h.head_dim):
+        raise ConfigError(f"original has {len(orig_layers)} layers of {tuple(orig_layers[0][0].shape)}, the container "
+                          f"{h.layers} of {(h.kv_heads, h.tokens, h.head_dim)}: it is not the cache it was made from")
     sizes = reader.section_sizes()
     elements = h.kv_heads * h.tokens * h.head_dim
     itemsize = torch.empty(0, dtype=getattr(torch, h.dtype)).element_size()

@@ -167,15 +167,31 @@ def _check_clean(clean: bool) -> None:
 
 
 def decode_symbols_into_rows(words: np.ndarray, table: FreqTable, out: np.ndarray, rows: np.ndarray,
-                             offsets: np.ndarray) -> None:
+                             offsets: np.ndarray) -> np.ndarray:
     """Decode ``len(rows) * out.shape[1]`` symbols into ``out[rows[i]]`` (int32 [N, T], C-contiguous),
     adding ``offsets[i]`` to row ``i``: :func:`decode_symbols`, its checks, and the scatter in one pass.
-    The caller has checked that the sums fit in int32."""
+    The caller has checked that the sums fit in int32.  Returns the histogram of the decoded alphabet
+    indices (int64 [K]), for :func:`check_table_is_histogram`."""
     if _ext_ans is None:
         symbols = decode_symbols(words, table, rows.size * out.shape[1]).reshape(rows.size, out.shape[1])
         out[rows] = symbols + offsets[:, None].astype(np.int32)
-        return
-    # the extension adds the alphabet's start and the row's offset in one
+        return np.bincount((symbols - np.int32(table.lo)).ravel(), minlength=table.size).astype(np.int64)
+    # the extension adds the alphabet's start and the row's offset in one, and counts the indices
+    hist = np.empty(table.size, dtype=np.int64)
     _check_clean(_ext_ans.decode_rows(np.ascontiguousarray(words, dtype=np.uint32), table.freqs,
                                       CODER_PRECISION - TABLE_BITS, out, rows.astype(np.int64, copy=False),
-                                      offsets.astype(np.int64) + table.lo))
+                                      offsets.astype(np.int64) + table.lo, hist))
+    return hist
+
+
+def check_table_is_histogram(table: FreqTable, hist: np.ndarray, what: str) -> None:
+    """The cross-check between a stream's symbol count and its bytes (docs/format.md §6.3): the table of a
+    ``context_ans`` class is the §7.3 quantisation of the histogram of the symbols it codes, over exactly the
+    range they span (``lo`` their minimum, ``lo + K - 1`` their maximum, or ``K = 2`` when they are all
+    ``lo``).  An ANS stream decodes any number of extra ``lo`` symbols after its words run out, cleanly
+    (§7.2), so a count larger than the encoder's shows here, unless every symbol is the same.
+    ``hist``: the count of each alphabet index among the decoded symbols (at least one symbol)."""
+    spans = hist[0] > 0 and (hist[-1] > 0 or (table.size == 2 and hist[1] == 0))
+    if not spans or not np.array_equal(table_from_counts(table.lo, hist).freqs, table.freqs):
+        raise FormatError(f"{what}: the entropy table is not the histogram of the symbols it codes "
+                          "(a token count that does not match the section?)")

@@ -40,15 +40,23 @@ GAIN_PROBE_KL = (0.003, 0.01)  # predicted KLs at which kl_gain is measured
 def _token_sequences(texts_or_token_ids, tokenizer) -> list[torch.Tensor]:
     if isinstance(texts_or_token_ids, (str, torch.Tensor)):
         texts_or_token_ids = [texts_or_token_ids]
+    try:
+        items = list(texts_or_token_ids)
+    except TypeError:
+        raise ConfigError(f"calibrate() takes a list of texts or token-id sequences, got "
+                          f"{type(texts_or_token_ids).__name__}") from None
     out = []
-    for item in texts_or_token_ids:
+    for item in items:
         if isinstance(item, str):
             if tokenizer is None:
                 raise ConfigError("calibrate() got text: pass tokenizer= as well (or token ids)")
             ids = tokenizer(item, return_tensors="pt").input_ids[0]
         else:
-            ids = torch.as_tensor(item).flatten()
-            if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            try:
+                ids = torch.as_tensor(item).flatten()
+            except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+                raise ConfigError(f"token ids must be sequences of integers: {exc}") from None
+            if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
                 raise ConfigError(f"token ids must be integers, got {ids.dtype}")
         out.append(ids.to(torch.int64))
     if not out:
@@ -146,6 +154,9 @@ def calibrate(model, texts_or_token_ids, *, tokenizer=None, prompt_len: int = 20
     ``kl_gain`` are measured on every sequence with at least 64 + ``continuation_len`` + 1
     tokens (the first one must have them).  ``info`` adds facts to the profile's ``info`` (e.g. text names).
     """
+    for name, value, low in (("prompt_len", prompt_len, 1), ("continuation_len", continuation_len, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"{name} must be an int >= {low}, got {value!r}")
     seqs = _token_sequences(texts_or_token_ids, tokenizer)
     if not isinstance(sink_tokens, int) or isinstance(sink_tokens, bool) or not 0 <= sink_tokens <= 64:
         raise ConfigError(f"sink_tokens must be an int in [0, 64], got {sink_tokens!r}")

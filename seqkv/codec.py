@@ -8,13 +8,14 @@ from .calibrated_encoder import calibrated_search, calibrated_setup
 from .errors import ConfigError
 from .format import DEFAULT_MAX_DECODED_BYTES, Header, Pipeline, PositionsInfo, open_container, write_container
 from .format.pipeline import KINDS, le_bytes, section_name
-from .hf_adapter import SUPPORTED_DTYPES, build_cache, cache_layers
+from .hf_adapter import SUPPORTED_DTYPES, build_cache, cache_layers, checked_device
 from .layout import layout_for_cache, layout_from_model
 from .positions import positions_of
 from .presets import CALIBRATED_PRESET, pipeline_config
 from .progress import progress_bar
 from .pruning.container import decode_pruned, encode_pruned
 from .rate_control import DEFAULT_KL_MARGIN, parse_target
+from .shipped_profiles import profile_for_ref, shipped_profile
 from .stages.base import TensorContext
 from .version import __version__
 
@@ -51,6 +52,8 @@ def encode(cache, *, preset: str | None = None, model=None, config=None, positio
     if preset is not None and not isinstance(preset, str):
         raise ConfigError(f"preset must be a string, got {type(preset).__name__}")
     targets_given = any(v is not None for v in (target_kl, bits_per_element, max_bytes)) or "scale" in options
+    if profile is None and (preset == CALIBRATED_PRESET or (preset is None and targets_given)):
+        profile = shipped_profile(model, config)   # the profile seqkv ships for this model, else a ConfigError
     calibrated = profile is not None and preset in (None, CALIBRATED_PRESET)
     if targets_given and not calibrated:
         raise ConfigError("target_kl / bits_per_element / max_bytes / scale need a calibrated profile= "
@@ -58,12 +61,15 @@ def encode(cache, *, preset: str | None = None, model=None, config=None, positio
     if profile is not None and not calibrated and preset != "lossless":
         raise ConfigError(f"preset {preset!r} does not use a profile; leave preset out to use the profile")
     target = parse_target(target_kl, bits_per_element, max_bytes, options.pop("scale", None)) if calibrated else None
+    if prune is not None and not callable(getattr(prune, "prune", None)):
+        raise ConfigError(f"prune must be a pruner (seqkv.pruner(name, ...) or a seqkv.pruning policy), "
+                          f"got {type(prune).__name__}")
     if prune is not None or getattr(cache, "seqkv_pruned", None) is not None:
         if calibrated:
             return encode_pruned(cache, prune, preset=CALIBRATED_PRESET, model=model, config=config,
                                  positions=positions, progress=progress, profile=profile, kl_margin=kl_margin,
                                  target=target, **options)
-        return encode_pruned(cache, prune, preset=preset or "balanced", model=model, config=config,
+        return encode_pruned(cache, prune, preset="balanced" if preset is None else preset, model=model, config=config,
                              positions=positions, progress=progress, **options)
     layers = cache_layers(cache)
     dtype_name = SUPPORTED_DTYPES[layers[0][0].dtype]
@@ -77,7 +83,7 @@ def encode(cache, *, preset: str | None = None, model=None, config=None, positio
 
         return calibrated_search(pipeline, profile, layout, layers, [pos] * len(layers), target, kl_margin, write,
                                  elements=len(layers) * 2 * layers[0][0].numel(), progress=progress)
-    preset = preset or "balanced"
+    preset = "balanced" if preset is None else preset
     pipeline = Pipeline(pipeline_config(preset, **options))
     layout = layout_for_cache(model, config, layers, pipeline.lossless)
     sections = {}
@@ -109,13 +115,17 @@ def decode(data, *, device=None, dtype=None, model=None, layers=None, progress: 
     The next RoPE position is ``inspect(data)["positions"]["next"]``.  Containers made
     with a calibrated profile need that profile (``profile=``); others ignore it.
     """
+    device = checked_device(device)
     reader = open_container(data, max_decoded_bytes=max_decoded_bytes)
     if model is not None:
         reader.header.layout.check_same_model(layout_from_model(model))
-    reader.use_profile(profile)
+    reader.use_profile(profile if profile is not None else profile_for_ref(reader.header.profile))  # shipped
     if dtype is not None and dtype not in SUPPORTED_DTYPES:
         raise ConfigError(f"dtype must be one of float32, float16, bfloat16, got {dtype}")
-    indices = range(reader.header.layers) if layers is None else list(layers)
+    try:
+        indices = range(reader.header.layers) if layers is None else list(layers)
+    except TypeError:
+        raise ConfigError(f"layers must be an iterable of layer indices, got {type(layers).__name__}") from None
     for i in indices:
         if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < reader.header.layers:
             raise ConfigError(f"layer index {i!r} is outside [0, {reader.header.layers})")

@@ -28,6 +28,17 @@ class NonFiniteError(EncodeError):
     """A lossy preset met NaN or Inf values; only lossless mode keeps them."""
 
 
+class ValueRangeError(NonFiniteError):
+    """A lossy preset met finite values too large to carry within its error bound (magnitude above
+    ``seqkv.format.pipeline.MAX_LOSSY_MAGNITUDE``, or symbols beyond the quantizer's range); lossless keeps
+    them.  A :class:`NonFiniteError` subclass: these were reported as one before."""
+
+
+class CompressionBoundError(EncodeError):
+    """The container would decode to more elements per byte than the format allows (docs/format.md §3, the
+    expansion bound): a nearly constant cache with very many tokens.  Nothing is written."""
+
+
 class DecodeError(SeqKVError, ValueError):
     """The bytes given to ``decode``/``inspect`` are not a valid seqkv container."""
 

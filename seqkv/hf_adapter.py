@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import EncodeError, UnsupportedCacheError
+from .errors import ConfigError, EncodeError, UnsupportedCacheError
 
 SUPPORTED_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 DTYPES_BY_NAME = {v: k for k, v in SUPPORTED_DTYPES.items()}
@@ -53,11 +53,27 @@ def cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
             raise EncodeError(f"layer {i}: dtype {keys.dtype}/{values.dtype}; supported: float32, float16, bfloat16")
         if keys.shape[2] == 0:
             raise EncodeError(f"layer {i} holds 0 tokens: the cache is empty")
+        if keys.device.type == "meta" or values.device.type == "meta":
+            raise EncodeError(f"layer {i} lives on the meta device: its tensors hold no data to encode")
         if shape is None:
             shape = keys.shape
         elif keys.shape != shape or keys.dtype != out[0][0].dtype:
             raise EncodeError(f"layer {i}: shape {tuple(keys.shape)} {keys.dtype} differs from layer 0's {tuple(shape)}")
         out.append((keys[0].detach(), values[0].detach()))
+    return out
+
+
+def checked_device(device) -> torch.device | None:
+    """``device`` as a torch.device that tensors can be moved to (None stays None); ConfigError otherwise."""
+    if device is None:
+        return None
+    if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
+        raise ConfigError(f"device must be a torch.device, a string or an index, got {type(device).__name__}")
+    try:
+        out = torch.device(device)
+        torch.empty(0, device=out)   # an unavailable device (no CUDA, an ordinal past the last GPU) fails here
+    except (RuntimeError, AssertionError, TypeError, ValueError) as exc:
+        raise ConfigError(f"device {device!r} is not available: {exc}") from None
     return out
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -42,20 +43,35 @@ class ModelLayout:
 
     @classmethod
     def from_json(cls, d: dict) -> "ModelLayout":
+        """A layout from its JSON object, strictly typed (docs/format.md §4.1): integers are JSON integers,
+        numbers JSON numbers (never booleans or strings), strings strings, ``extra`` an object; every RoPE
+        number is finite as the float32 the codec computes with, and the attention scaling is > 0."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"invalid model layout: expected an object, got {type(d).__name__}")
         try:
+            inv_freq = d.get("rope_inv_freq", [])
+            if not isinstance(inv_freq, list):
+                raise TypeError("rope_inv_freq must be a list of numbers")
+            extra = d.get("extra", {})
+            if not isinstance(extra, dict):
+                raise TypeError("extra must be an object")
             out = cls(
-                layers=int(d["layers"]), kv_heads=int(d["kv_heads"]), head_dim=int(d["head_dim"]),
-                rope_type=str(d.get("rope_type", "default")), rope_theta=float(d.get("rope_theta", 0.0)),
-                rope_inv_freq=tuple(float(x) for x in d.get("rope_inv_freq", ())),
-                rope_attention_scaling=float(d.get("rope_attention_scaling", 1.0)),
-                fingerprint=str(d.get("fingerprint", "")), weights_digest=str(d.get("weights_digest", "")),
-                extra=dict(d.get("extra", {})),
+                layers=_json_int(d, "layers"), kv_heads=_json_int(d, "kv_heads"), head_dim=_json_int(d, "head_dim"),
+                rope_type=_json_str(d, "rope_type", "default"), rope_theta=_json_number(d.get("rope_theta", 0.0), "rope_theta"),
+                rope_inv_freq=tuple(_json_number(x, "rope_inv_freq") for x in inv_freq),
+                rope_attention_scaling=_json_number(d.get("rope_attention_scaling", 1.0), "rope_attention_scaling"),
+                fingerprint=_json_str(d, "fingerprint", ""), weights_digest=_json_str(d, "weights_digest", ""),
+                extra=dict(extra),
             )
-        except (KeyError, TypeError, ValueError, OverflowError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise ConfigError(f"invalid model layout: {exc}") from None
-        if not all(np.isfinite(out.rope_inv_freq)) or not (np.isfinite(out.rope_attention_scaling)
-                                                            and out.rope_attention_scaling > 0):
-            raise ConfigError("invalid model layout: RoPE parameters must be finite (and the scaling > 0)")
+        # the codec computes in float32: a value finite as a double may still overflow there (1e39)
+        as_f32 = np.asarray(out.rope_inv_freq + (out.rope_attention_scaling,), dtype=np.float64)
+        with np.errstate(over="ignore"):
+            finite32 = np.isfinite(as_f32.astype(np.float32))
+        if not (np.isfinite(as_f32).all() and finite32.all() and math.isfinite(out.rope_theta)
+                and out.rope_attention_scaling > 0 and np.float32(out.rope_attention_scaling) > 0):
+            raise ConfigError("invalid model layout: RoPE parameters must be finite as float32 (and the scaling > 0)")
         return out
 
     @property
@@ -82,6 +98,26 @@ class ModelLayout:
             raise ModelMismatchError(
                 f"the {what} was made with different model weights (same architecture, other checkpoint)"
             )
+
+
+def _json_int(d: dict, key: str) -> int:
+    value = d[key]
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{key} must be an integer, got {value!r}")
+    return value
+
+
+def _json_number(value, key: str) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{key} values must be numbers, got {value!r}")
+    return float(value)
+
+
+def _json_str(d: dict, key: str, default: str) -> str:
+    value = d.get(key, default)
+    if not isinstance(value, str):
+        raise TypeError(f"{key} must be a string, got {value!r}")
+    return value
 
 
 def _config_of(model_or_config):
@@ -171,6 +207,7 @@ def layout_for_cache(model, config, layers, lossless: bool) -> ModelLayout:
             "lossy presets move keys to pre-RoPE and need the model's RoPE parameters: "
             "pass model= (or config=) to encode, or use preset='lossless'"
         )
+    ModelLayout.from_json(layout.to_json())   # what every reader will check (ConfigError: e.g. RoPE values beyond float32)
     heads, _, dim = layers[0][0].shape
     if (layout.layers, layout.kv_heads, layout.head_dim) != (len(layers), heads, dim):
         raise ModelMismatchError(

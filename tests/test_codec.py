@@ -10,7 +10,9 @@ from seqkv.errors import (ConfigError, DecodeError, EncodeError, ModelMismatchEr
 from seqkv.hf_adapter import build_cache
 from seqkv.stages.rope import remove_rope
 
-from conftest import tiny_cache, tiny_model
+from seqkv.testing import assert_lossless_roundtrip, assert_within_bound, caches, configs
+
+from conftest import tiny_cache, tiny_model, tiny_profile
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -219,36 +221,26 @@ def test_unsupported_cache_classes():
         seqkv.encode(mixed, preset="lossless")
 
 
+# the whole pipeline on drawn caches and options, with seqkv.testing's strategies and assertions (what users get)
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 30), st.sampled_from([4, 8, 16]),
-       st.sampled_from(DTYPES), st.integers(0, 2**31 - 1))
-def test_whole_pipeline_lossless_property(layers, heads, tokens, dim, dtype, seed):
-    g = torch.Generator().manual_seed(seed)
-    raw = [(torch.randn(heads, tokens, dim, generator=g) * 10 ** torch.randint(-3, 4, (1,), generator=g),
-            torch.randn(heads, tokens, dim, generator=g)) for _ in range(layers)]
-    cache = build_cache([(k.to(dtype), v.to(dtype)) for k, v in raw])
-    out = seqkv.decode(seqkv.encode(cache, preset="lossless"))
-    for a, b in zip(cache.layers, out.layers):
-        assert bits_equal(a.keys, b.keys) and bits_equal(a.values, b.values)
+@given(caches(special_values=True))
+def test_whole_pipeline_lossless_property(cache):
+    assert_lossless_roundtrip(cache)
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.integers(1, 40), st.sampled_from(["near_lossless", "balanced", "small"]), st.integers(0, 6),
-       st.integers(0, 2**31 - 1))
-def test_whole_pipeline_lossy_property(tokens, preset, sinks, seed):
-    from transformers import LlamaConfig
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(caches(with_config=True), configs(lossless=False, lloydmax=False))
+def test_whole_pipeline_lossy_property(cache_and_config, options):
+    cache, config = cache_and_config
+    assert_within_bound(cache, config=config, **options)
 
-    config = LlamaConfig(num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=8, hidden_size=16)
-    g = torch.Generator().manual_seed(seed)
-    raw = [(torch.randn(1, tokens, 8, generator=g), torch.randn(1, tokens, 8, generator=g)) for _ in range(2)]
-    cache = build_cache(raw)
-    blob = seqkv.encode(cache, preset=preset, config=config, sink_tokens=sinks)
-    out = seqkv.decode(blob)
-    step = seqkv.PRESETS[preset]["quantizer"]["step"]
-    for (k, v), b in zip(raw, out.layers):
-        s = min(sinks, tokens)
-        assert torch.equal(b.values[0, :, :s], v[:, :s]) and torch.equal(b.keys[0, :, :s], k[:, :s])
-        body = v[:, s:]
-        if body.numel():
-            rms = float(body.pow(2).mean().sqrt())
-            assert float((b.values[0, :, s:] - body).abs().max()) <= 0.5 * step * rms * 1.001 + 1e-6
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# from 5 tokens: a calibrated container whose tokens are all sink tokens (1-4) does not decode (FormatError
+# "cannot reshape tensor of 0 elements", at commit 40c1421 too; reported, the stages are not this test's to fix)
+@given(st.integers(5, 40), st.sampled_from(["llama", "qwen2"]), st.floats(0.02, 0.5), st.sampled_from([0.35, 0.5]),
+       st.booleans())
+def test_calibrated_codec_within_bound_property(tokens, family, scale, rounding, cross_layer):
+    model, cache = tiny_cache(family, tokens=tokens)
+    assert_within_bound(cache, model=model, profile=tiny_profile(family), scale=scale, rounding=rounding,
+                        cross_layer=cross_layer)

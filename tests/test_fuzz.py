@@ -178,7 +178,7 @@ def test_absurd_sizes_refused_before_allocating(tokens):
     header, sections = split(sample("balanced"))
     header["tokens"] = tokens
     header["positions"] = {"start": 0, "next": tokens, "contiguous": True}
-    with pytest.raises(DecodeError, match="max_decoded_bytes|outside"):
+    with pytest.raises(DecodeError, match="max_decoded_bytes|outside|elements per byte"):
         seqkv.decode(reseal(header, sections))
 
 
@@ -202,3 +202,120 @@ def test_stage_in_the_wrong_place_is_refused():
     header["pipeline"]["transforms"] = [{"id": "uniform"}]
     with pytest.raises(DecodeError, match="needs a transform"):
         seqkv.decode(reseal(header, sections))
+
+
+# -- issue 16: the decoder bounded by its input ---------------------------------------------------------------
+
+def _load_harness():
+    """bench/fuzz.py: the mutations, the seed corpus (tests/fuzz_corpus/) and the per-input checks."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "fuzz.py")
+    spec = importlib.util.spec_from_file_location("seqkv_bench_fuzz", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+harness = _load_harness()
+
+
+def _doubled(blob: bytes, factor: int = 2) -> bytes:
+    header, sections = split(blob)
+    header["tokens"] *= factor
+    header["positions"]["next"] = header["positions"]["start"] + header["tokens"]
+    return reseal(header, sections, blob)
+
+
+@pytest.mark.parametrize("preset", ["balanced", "small", "near_lossless"])
+@pytest.mark.parametrize("factor", [2, 1000])
+def test_lossy_token_count_edits_are_refused(preset, factor):
+    """Finding 1: a resealed lossy container with its token count multiplied decoded to a longer cache of
+    garbage.  Each context_ans class's table must be the histogram of the symbols it codes (§6.3): the
+    extra symbols an exhausted ANS stream yields change it."""
+    model, cache = tiny_cache("llama", tokens=12, dtype=torch.bfloat16)
+    blob = seqkv.encode(cache, preset=preset, model=model)
+    with pytest.raises(DecodeError, match="histogram|elements per byte"):
+        seqkv.decode(_doubled(blob, factor))
+
+
+def test_an_exhausted_ans_stream_decodes_more_symbols_cleanly_so_the_table_is_checked():
+    """The property behind finding 1, which the format cannot change for existing containers: an ANS stream
+    that has run out of words keeps yielding its table's first symbol from state 0, and ends cleanly (§7.2's
+    test vector: any number of 0s from state 0 gives no word).  What refuses the extra symbols is the check
+    that the table is the quantised histogram of the symbols decoded with it."""
+    import numpy as np
+    from seqkv.ans_coding import check_table_is_histogram, decode_symbols, table_and_words
+
+    symbols = np.array([0, 3, 1, 1, 2, 0, 1, 2, 3, 3, 1], dtype=np.int64)
+    table, words = table_and_words(symbols)
+    longer = decode_symbols(words, table, 2 * len(symbols))   # no error: clean
+    assert np.array_equal(longer[:len(symbols)], symbols) and not longer[len(symbols):].any()
+    check_table_is_histogram(table, np.bincount(symbols, minlength=table.size), "ok")
+    with pytest.raises(DecodeError, match="histogram"):
+        check_table_is_histogram(table, np.bincount(longer, minlength=table.size), "doubled")
+
+
+@pytest.mark.parametrize("tokens", [2**18, 2**20])
+def test_decode_is_bounded_by_the_input_size(tokens):
+    """The expansion bound: at most MAX_ELEMENTS_PER_BYTE elements per container byte, checked when the
+    container is opened (inspect and token_positions too), before anything is allocated."""
+    from seqkv.format.header import MAX_ELEMENTS_PER_BYTE
+
+    blob = sample("balanced")
+    header, sections = split(blob)
+    header["tokens"] = tokens
+    header["positions"] = {"start": 0, "next": tokens, "contiguous": True}
+    bad = reseal(header, sections)
+    assert 2 * 2 * 2 * tokens * 16 > MAX_ELEMENTS_PER_BYTE * len(bad)
+    for call in (seqkv.decode, seqkv.inspect, seqkv.token_positions):
+        with pytest.raises(DecodeError, match="elements per byte"):
+            call(bad)
+
+
+def test_every_corpus_seed_decodes():
+    """The seed corpus is current (after a format change: python bench/fuzz.py --write-corpus)."""
+    for kind in harness.KINDS:
+        outcome, exc = harness.run_one(kind, harness.seed(kind))
+        assert (outcome, exc) == ("decoded", None), kind
+
+
+@pytest.mark.parametrize("kind", harness.KINDS)
+def test_short_fuzz_pass(kind):
+    """A short pass of bench/fuzz.py's built-in engine per kind (the long one: python bench/fuzz.py
+    --mutations 100000 --kind KIND): every input decodes or raises a DecodeError, within the bound."""
+    stats = harness.run_builtin(kind, int(os.environ.get("SEQKV_FUZZ_MUTATIONS", "1000")), seed_value=16, out_dir=None)
+    assert not stats.unexpected, stats.unexpected[0][1]
+    assert stats.outcomes["decoded"] >= 1 and sum(stats.outcomes.values()) == stats.runs
+
+
+CHUNK_KINDS = st.sampled_from(list(harness.CHUNK_KINDS))
+
+
+@FUZZ
+@given(CHUNK_KINDS, st.data())
+def test_store_chunk_resealed_mutations(kind, data):
+    """Store chunk payloads (plain, residual on a base, calibrated), mutated by hypothesis through the
+    harness's operators, resealed."""
+    rng_seed = data.draw(st.integers(0, 2**32 - 1))
+    import random
+
+    blob = harness.mutate(harness.RandomChooser(random.Random(rng_seed)), harness.seed(kind))
+    outcome, exc = harness.run_one(kind, blob)
+    assert exc is None, f"{outcome}: {exc!r}"
+
+
+def test_decode_rows_counts_the_symbols_it_decodes():
+    """The compiled decoder's histogram (what the table check reads) is the decoded symbols' bincount."""
+    import numpy as np
+    from seqkv.ans_coding import decode_symbols, decode_symbols_into_rows, table_and_words
+
+    rng = np.random.default_rng(16)
+    symbols = rng.integers(-3, 9, size=5 * 40)
+    table, words = table_and_words(symbols)
+    out = np.zeros((7, 40), dtype=np.int32)
+    rows = np.array([6, 0, 3, 2, 5])
+    hist = decode_symbols_into_rows(words, table, out, rows, np.arange(5, dtype=np.int64))
+    assert np.array_equal(hist, np.bincount(symbols - table.lo, minlength=table.size))
+    assert np.array_equal(out[rows] - np.arange(5)[:, None], symbols.reshape(5, 40))
+    assert np.array_equal(decode_symbols(words, table, symbols.size), symbols)

@@ -8,6 +8,7 @@ schema, section bounds, and (when a section is read) its checksum.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 
@@ -53,11 +54,37 @@ def pack_container(header: dict, sections: list[tuple[str, bytes]], flags: int, 
     return b"".join([preamble, header_bytes, *(payload for _, payload in sections)])
 
 
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not JSON (RFC 8259)")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400 is JSON, but no writer writes it: it would read as inf
+        raise ValueError(f"number {text[:40]} is out of the double range")
+    return value
+
+
+def parse_header_json(raw: bytes) -> dict:
+    """The header object (check 7): UTF-8 RFC 8259 JSON, so no NaN/Infinity literals and no number beyond the
+    double range; nesting deeper than Python's recursion limit is refused like any other invalid JSON."""
+    try:
+        header = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant, parse_float=_finite_float)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise FormatError(f"header is not valid JSON: {str(exc)[:200]}") from None
+    if not isinstance(header, dict):
+        raise FormatError("header must be a JSON object")
+    return header
+
+
 class Container:
     """A parsed, validated container; section payloads are checksummed on access."""
 
     def __init__(self, data):
-        self.data = memoryview(data).cast("B") if not isinstance(data, memoryview) else data.cast("B")
+        try:
+            self.data = memoryview(data).cast("B")
+        except (TypeError, ValueError) as exc:  # a non-contiguous or multi-dimensional buffer
+            raise FormatError(f"container data must be a flat, contiguous byte string: {exc}") from None
         if self.data.ndim != 1:
             raise FormatError("container data must be a flat byte string")
         n = len(self.data)
@@ -88,12 +115,7 @@ class Container:
         header_bytes = self.data[PREAMBLE_SIZE:PREAMBLE_SIZE + header_len]
         if crc32c(header_bytes) != header_crc:
             raise ChecksumError("header checksum mismatch (the container is corrupted)")
-        try:
-            header = json.loads(bytes(header_bytes).decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise FormatError(f"header is not valid JSON: {exc}") from None
-        if not isinstance(header, dict):
-            raise FormatError("header must be a JSON object")
+        header = parse_header_json(bytes(header_bytes))
         self.header = header
         self.payload_start = PREAMBLE_SIZE + header_len
         self.sections = self._parse_sections(header.get("sections"), n - self.payload_start)

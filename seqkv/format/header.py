@@ -32,6 +32,14 @@ PRUNING_LEVELS = ("token", "layer", "chunk")
 CHUNK_MODES = ("p", "r")                    # a store chunk section: plain, or a residual on the base entry
 TOKEN_CODES = ("trie", "zstd", "base")
 MIN_CHUNK_SCALE, MAX_CHUNK_SCALE = 1e-6, 1e6
+# The expansion bound (docs/format.md §3, check 9): a container of n bytes decodes to at most
+# MAX_ELEMENTS_PER_BYTE * n elements (layers x 2 x kv_heads x tokens x head_dim), so what a decode allocates and
+# how long it runs are proportional to its input.  The token count is in the header only, and the section bytes
+# cannot bound it: an ANS stream codes any run of its table's first symbol from state 0 at no cost (§7.2), so a
+# stream of 0 words is M such symbols for any M.  Real caches code at 0.5-16 bits per element (0.5-16 elements per
+# byte); only a nearly constant cache with tens of thousands of tokens comes near 4096, and the writer refuses
+# it (CompressionBoundError) rather than write a container that readers refuse.
+MAX_ELEMENTS_PER_BYTE = 4096
 
 
 def required_minor(flags: int, pipeline: Pipeline) -> int:
@@ -103,9 +111,21 @@ class Header:
     def is_store_chunk(self) -> bool:
         return self.chunk is not None
 
+    def elements(self) -> int:
+        """The elements of every tensor (a pruned container: as if every head kept the widest head's tokens)."""
+        return self.layers * 2 * self.kv_heads * self.tokens * self.head_dim
+
     def decoded_bytes(self) -> int:
         """What decoding every tensor allocates, as float32."""
-        return self.layers * 2 * self.kv_heads * self.tokens * self.head_dim * 4
+        return self.elements() * 4
+
+    def check_expansion(self, total_bytes: int, error=FormatError) -> None:
+        """The expansion bound (MAX_ELEMENTS_PER_BYTE): raises ``error`` unless a container of ``total_bytes``
+        bytes may hold this header's elements.  The reader checks it at open, the writer before it returns."""
+        if self.elements() > MAX_ELEMENTS_PER_BYTE * total_bytes:
+            raise error(f"{self.elements()} elements ({self.layers} layers x 2 x {self.kv_heads} heads x "
+                        f"{self.tokens} tokens x {self.head_dim}) in a container of {total_bytes} bytes: over the "
+                        f"format's bound of {MAX_ELEMENTS_PER_BYTE} elements per byte")
 
     # -- to JSON ---------------------------------------------------------------------------------------
     def to_json(self) -> dict:

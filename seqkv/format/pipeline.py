@@ -5,12 +5,13 @@ one is a single tensor coder of the raw IEEE bits (§8).  Each place takes a sta
 (:mod:`seqkv.stages.base`), so the signatures below are the only ones a stage must offer."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, NonFiniteError, ValueRangeError
 from ..hf_adapter import DTYPES_BY_NAME, SUPPORTED_DTYPES
 from ..stages import stage_from_config
 from ..stages.base import Predictor, Quantizer, SymbolCoder, TensorCoder, TensorContext, Transform
@@ -18,6 +19,9 @@ from ..wire import Reader
 
 KINDS = ("keys", "values")
 MAX_TOKENS = 1 << 26
+# the largest magnitude a lossy pipeline carries (2^50, about 1.1e15): squares summed over 2^26 tokens stay
+# below the float32 range, so every step, scale and reconstruction of the encoder and the decoder is finite
+MAX_LOSSY_MAGNITUDE = float(1 << 50)
 BITS_DTYPE = {"float32": (torch.int32, np.uint32), "float16": (torch.int16, np.uint16), "bfloat16": (torch.int16, np.uint16)}
 
 
@@ -61,6 +65,11 @@ class Pipeline:
         # the lowest container minor that defines every stage used (seqkv.format.header.required_minor)
         self.min_minor = max(stage.min_minor for stage in stages)
 
+    def check_head_dim(self, head_dim: int) -> None:
+        """ConfigError when a stage cannot handle ``head_dim`` (the Hadamard rotation needs a power of two)."""
+        for stage in self.stages():
+            stage.check_head_dim(head_dim)
+
     def stages(self) -> list:
         """Every stage, in encode order."""
         if self.lossless:
@@ -97,9 +106,13 @@ class Pipeline:
             return self.tensor_coder.encode(bits, dtype_name)
         return self.code(x, self.transform(x, ctx), ctx)
 
-    def transform(self, x: torch.Tensor, ctx: TensorContext) -> torch.Tensor:
-        """The lossy stack's transforms: the tensor the quantizer sees (float32 [H, T, D])."""
+    def transform(self, x: torch.Tensor, ctx: TensorContext, *, check: bool = True) -> torch.Tensor:
+        """The lossy stack's transforms: the tensor the quantizer sees (float32 [H, T, D]).  ``check`` (every
+        encode) refuses what a lossy pipeline cannot carry first, sink tokens included: NaN/Inf
+        (NonFiniteError) and magnitudes above MAX_LOSSY_MAGNITUDE (ValueRangeError)."""
         y = x.to(torch.float32)
+        if check:
+            check_lossy_values(y, ctx)
         for t in self.transforms:
             y = t.forward(y, ctx)
         return y
@@ -145,8 +158,11 @@ class Pipeline:
         body_ctx = ctx if not count or ctx.positions is None else replace(ctx, positions=ctx.positions[count:])
         for t in reversed(self.transforms):
             body = t.inverse(body, body_ctx)
-        out = torch.empty((body.shape[0], count + body.shape[1], body.shape[2]), dtype=DTYPES_BY_NAME[dtype_name])
-        out[:, count:] = body  # one pass converts the dtype and the layout
+        dtype = DTYPES_BY_NAME[dtype_name]
+        out = torch.empty((body.shape[0], count + body.shape[1], body.shape[2]), dtype=dtype)
+        # one pass converts the dtype and the layout; a reconstruction within half a step of a finite value near
+        # the dtype's largest one may round past it: clamped, so a finite value never comes back as inf
+        out[:, count:] = clamp_to_dtype(body, dtype)
         out[:, :count] = sinks
         return out
 
@@ -181,6 +197,38 @@ class SectionSymbols:
     residuals: np.ndarray      # int32 [H, T - sinks, D]: what the entropy coder coded
     symbols: np.ndarray        # int32 [H, T - sinks, D]: the quantizer's output
     coder_bytes: int           # bytes of the entropy coder's part (tables, offsets, ANS words)
+
+
+def check_lossy_values(x: torch.Tensor, ctx: TensorContext) -> None:
+    """What a lossy pipeline refuses up front (the whole tensor, sink tokens included)."""
+    if not x.numel():
+        return
+    a = x.detach().to(device="cpu", dtype=torch.float32).numpy()   # exact for float16 and bfloat16
+    high, low = float(a.max()), float(a.min())                     # NaN or inf shows in one of them
+    if not (math.isfinite(high) and math.isfinite(low)):
+        raise NonFiniteError(
+            f"layer {ctx.layer} {ctx.kind}: NaN or Inf values; lossy presets reject them, "
+            "use preset='lossless' to keep them bit-exact")
+    largest = max(high, -low)
+    if largest > MAX_LOSSY_MAGNITUDE:
+        raise ValueRangeError(
+            f"layer {ctx.layer} {ctx.kind}: a value of magnitude {largest:.3g} is above the {MAX_LOSSY_MAGNITUDE:.3g} "
+            "that lossy presets carry; use preset='lossless' to keep it bit-exact")
+
+
+def clamp_to_dtype(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``y`` (float32, CPU) with values beyond ``dtype``'s finite range clamped to it (NaN stays NaN).  The
+    check is two numpy reductions (torch's take ten times longer here); a NaN hides the extremes, so then
+    the clamp runs anyway."""
+    if not y.numel():
+        return y
+    limit = torch.finfo(dtype).max
+    a = y.numpy() if y.device.type == "cpu" and not y.requires_grad else None
+    if a is not None:
+        high, low = float(a.max()), float(a.min())
+        if -limit <= low and high <= limit:   # False for NaN: clamped below, which keeps NaN
+            return y
+    return y.clamp(-limit, limit)
 
 
 def raw_bytes(x: torch.Tensor) -> bytes:

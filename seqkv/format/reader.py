@@ -28,7 +28,8 @@ from .residual import decode_residual, is_calibrated
 DEFAULT_MAX_DECODED_BYTES = 16 << 30
 DIALECTS = ("cache", "store_chunk")
 # what decoding a section may raise besides SeqKVError when its bytes are hostile: reported as FormatError
-DECODE_FAILURES = (ValueError, TypeError, IndexError, RuntimeError, OverflowError, MemoryError)
+# (LookupError: IndexError, KeyError; ArithmeticError: OverflowError, ZeroDivisionError; RuntimeError: RecursionError)
+DECODE_FAILURES = (ValueError, TypeError, LookupError, ArithmeticError, RuntimeError, MemoryError, AttributeError)
 
 
 def open_container(data, *, profile=None, max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
@@ -42,6 +43,8 @@ class ContainerReader:
                  dialect: str = "cache"):
         if dialect not in DIALECTS:
             raise ConfigError(f"dialect must be one of {DIALECTS}, got {dialect!r}")
+        if isinstance(max_decoded_bytes, bool) or not isinstance(max_decoded_bytes, int) or max_decoded_bytes < 0:
+            raise ConfigError(f"max_decoded_bytes must be an integer >= 0, got {max_decoded_bytes!r}")
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise FormatError(f"expected bytes, got {type(data).__name__}")
         self.container = c = Container(data)
@@ -52,11 +55,13 @@ class ContainerReader:
                               "read it through the store")
         if dialect == "store_chunk" and not h.is_store_chunk:
             raise FormatError("store chunk header is invalid: not a store chunk of a known version")
+        h.check_expansion(c.total_bytes)
         if h.decoded_bytes() > max_decoded_bytes:
             raise FormatError(f"decoding would need {h.decoded_bytes()} bytes, over the "
                               f"max_decoded_bytes={max_decoded_bytes} cap")
         try:
             self.pipeline = Pipeline(h.pipeline)
+            self.pipeline.check_head_dim(h.head_dim)
         except ConfigError as exc:
             raise FormatError(f"the container's pipeline is invalid or unknown to this version: {exc}") from None
         h.check_contents(self.pipeline, c.version[1], c.flags)
@@ -124,6 +129,12 @@ class ContainerReader:
         if not isinstance(profile, Profile):
             raise ConfigError(f"profile must be a seqkv.Profile, got {type(profile).__name__}")
         profile.check_ref(ref.to_json())
+        h = self.header
+        # the profile the container names made it: a shape other than the profile's is a damaged header
+        if (profile.layout.layers, profile.layout.kv_heads, profile.layout.head_dim) != (h.layers, h.kv_heads, h.head_dim):
+            raise FormatError(f"the container's shape ({h.layers} layers x {h.kv_heads} heads x {h.head_dim}) is not "
+                              f"the shape of the profile it names ({profile.layout.layers} x {profile.layout.kv_heads}"
+                              f" x {profile.layout.head_dim})")
         self.state.profile = profile
 
     @property

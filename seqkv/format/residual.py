@@ -24,7 +24,7 @@ from ..stages.quantize_klt import component_steps, quantize_components, remember
 from ..stages.quantize_uniform import quantize_symbols
 from ..stages.rope import keys_to_post_rope, keys_to_pre_rope
 from ..wire import Reader
-from .pipeline import BITS_DTYPE, Pipeline, section_name
+from .pipeline import BITS_DTYPE, Pipeline, check_lossy_values, clamp_to_dtype, section_name
 
 MAX_RESIDUAL_SYMBOL = 2**30
 
@@ -52,6 +52,14 @@ def _checked_symbols(q: torch.Tensor) -> torch.Tensor:
     return q
 
 
+def _checked_steps(steps: torch.Tensor) -> torch.Tensor:
+    """The steps the decoder will recompute must be finite and positive (a section whose steps are not could
+    not be decoded)."""
+    if steps.numel() and not (bool(torch.isfinite(steps).all()) and bool((steps > 0).all())):
+        raise EncodeError("residual steps out of range")
+    return steps
+
+
 def encode_residual(pipeline: Pipeline, x: torch.Tensor, base: torch.Tensor, ctx: TensorContext,
                     base_positions: torch.Tensor, dtype_name: str) -> bytes:
     """The residual section of ``x`` [H, T, D] (positions ``ctx.positions``) against ``base`` (at
@@ -63,9 +71,10 @@ def encode_residual(pipeline: Pipeline, x: torch.Tensor, base: torch.Tensor, ctx
     if is_calibrated(pipeline):
         section, _recon = encode_klt_residual(pipeline, x, base, ctx, base_positions)
         return section
+    check_lossy_values(x, ctx)
     xp = keys_to_pre_rope(x, ctx.kind, ctx.positions, ctx.layout)
     bp = keys_to_pre_rope(base, ctx.kind, base_positions, ctx.layout)
-    steps = pipeline.quantizer.channel_steps(bp, ctx.kind).to(torch.float32)
+    steps = _checked_steps(pipeline.quantizer.channel_steps(bp, ctx.kind).to(torch.float32))
     q = _checked_symbols(quantize_symbols(xp - bp, steps, pipeline.quantizer.rounding))
     return pipeline.symbol_coder.encode(q.to(torch.int32).numpy())
 
@@ -74,7 +83,7 @@ def _klt_parts(pipeline: Pipeline, base: torch.Tensor, ctx: TensorContext, base_
     """(sink count, the base's KLT coefficients after the sinks, the plain section's steps)."""
     sinks = min(pipeline.sink_tokens, tokens)
     base_ctx = TensorContext(layer=ctx.layer, kind=ctx.kind, positions=base_positions, layout=ctx.layout, state=ctx.state)
-    z_b = pipeline.transform(base, base_ctx)[:, sinks:]
+    z_b = pipeline.transform(base, base_ctx, check=False)[:, sinks:]  # the base is a decoded tensor
     steps = component_steps(profile_part(ctx), float(np.float32(ctx.state.scale)), base.shape[0], base.shape[2])
     return sinks, z_b, steps
 
@@ -111,4 +120,5 @@ def decode_residual(pipeline: Pipeline, payload, base: torch.Tensor, ctx: Tensor
     bp = keys_to_pre_rope(base, ctx.kind, base_positions, ctx.layout)
     steps = pipeline.quantizer.channel_steps(bp, ctx.kind).to(torch.float32)
     y = bp + torch.from_numpy(np.ascontiguousarray(q)).to(torch.float32) * steps[:, None, :]
-    return keys_to_post_rope(y, ctx.kind, ctx.positions, ctx.layout).to(DTYPES_BY_NAME[dtype_name])
+    dtype = DTYPES_BY_NAME[dtype_name]
+    return clamp_to_dtype(keys_to_post_rope(y, ctx.kind, ctx.positions, ctx.layout), dtype).to(dtype)

@@ -5,6 +5,7 @@ the container records the configs, so decoding needs nothing else.
 """
 from __future__ import annotations
 
+import numbers
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -56,6 +57,32 @@ class TensorContext:
     state: CodingState = field(default_factory=CodingState)
 
 
+def option_value(stage_id: str, name: str, typ: type, value):
+    """A stage option checked strictly against its JSON type (docs/format.md §5): a ``bool`` option takes a
+    boolean, an ``int`` one an integer (not a boolean, not a float), a ``float`` one a number (an integer is
+    converted, a boolean is not a number).  Numpy scalars count as what they are (np.float32 is a number) and
+    become Python values, so configs stay JSON.  Ranges are each stage's ``validate``."""
+    is_bool = isinstance(value, (bool, np.bool_))
+    if typ is bool:
+        ok = is_bool
+    elif typ is int:
+        ok = isinstance(value, numbers.Integral) and not is_bool
+    elif typ is float:
+        ok = isinstance(value, numbers.Real) and not is_bool
+    else:
+        ok = isinstance(value, typ)
+    if ok and typ in (bool, int, float):
+        try:
+            value = typ(value)   # an int beyond the float range overflows
+        except OverflowError:
+            ok = False
+    if not ok:
+        kind = {bool: "a boolean (true/false)", int: "an integer", float: "a number"}.get(typ, typ.__name__)
+        raise ConfigError(f"stage {stage_id!r}: option {name}={value!r} must be {kind}, "
+                          f"not {type(value).__name__}")
+    return value
+
+
 class Stage(ABC):
     """Base class: configs in and out, validated strictly."""
 
@@ -72,13 +99,12 @@ class Stage(ABC):
         if unknown:
             raise ConfigError(f"stage {self.id!r}: unknown option(s) {sorted(unknown)}; known: {sorted(self.params)}")
         for name, (typ, default) in self.params.items():
-            value = kwargs.get(name, default)
-            try:
-                value = typ(value)
-            except (TypeError, ValueError):
-                raise ConfigError(f"stage {self.id!r}: option {name}={value!r} is not a valid {typ.__name__}") from None
-            setattr(self, name, value)
+            setattr(self, name, option_value(self.id, name, typ, kwargs.get(name, default)))
         self.validate()
+
+    def check_head_dim(self, head_dim: int) -> None:
+        """Override to refuse a head_dim the stage cannot handle (ConfigError); the reader calls it when it
+        opens a container, so such a container is refused before any section is decoded."""
 
     def validate(self) -> None:
         """Override to check option values; raise ConfigError."""

@@ -15,7 +15,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..ans_coding import (
-    MAX_ALPHABET, decode_symbols, decode_symbols_into_rows, read_table, table_and_words, write_table,
+    MAX_ALPHABET, check_table_is_histogram, decode_symbols, decode_symbols_into_rows, read_table, table_and_words,
+    write_table,
 )
 from ..bitpacking import pack_low_bits, unpack_low_bits
 from ..errors import ConfigError, FormatError
@@ -108,13 +109,21 @@ class ContextANS(SymbolCoder):
             lo, hi = table.lo << shift, (table.lo + table.size) << shift
             if lo + int(offsets[rows].min()) < -(1 << 31) or hi + int(offsets[rows].max()) > (1 << 31):
                 raise FormatError(f"{reader.what}: decoded symbols would overflow int32")
-            n_words = reader.uvarint(max_value=reader.remaining() // 4)
+            # a symbol costs at most 16 bits (the smallest frequency is 2**-16), the final state 64: the words
+            # of a stream any encoder writes are bounded by its symbol count (§6.3)
+            n_words = reader.uvarint(max_value=min(count // 2 + 3, reader.remaining() // 4))
             words = reader.array("<u4", n_words)
             if not shift:  # the usual case: decoded straight into place
-                decode_symbols_into_rows(words, table, columns, rows, offsets[rows])
+                hist = decode_symbols_into_rows(words, table, columns, rows, offsets[rows])
+                if count:
+                    check_table_is_histogram(table, hist, f"{reader.what}: class {c}")
                 continue
+            low_bytes = reader.bytes((count * shift + 7) // 8)  # present before anything is decoded
             symbols = decode_symbols(words, table, count).reshape(rows.size, tokens)
-            low = unpack_low_bits(reader.bytes((count * shift + 7) // 8), shift, count)
+            if count:
+                hist = np.bincount((symbols - np.int32(table.lo)).ravel(), minlength=table.size)
+                check_table_is_histogram(table, hist, f"{reader.what}: class {c}")
+            low = unpack_low_bits(low_bytes, shift, count)
             symbols = (symbols.astype(np.int64) << shift | low.reshape(rows.size, tokens)).astype(np.int32)
             symbols += offsets[rows, None].astype(np.int32)
             columns[rows] = symbols

@@ -16,15 +16,24 @@ from ..errors import ConfigError
 from .base import TensorContext, Transform, register
 
 
-@functools.lru_cache(maxsize=16)
-def _rotation(dim: int, seed: int) -> torch.Tensor:
-    if dim & (dim - 1):
+MIN_SEED, MAX_SEED = -(1 << 63), (1 << 64) - 1   # what torch.Generator.manual_seed takes
+
+
+def check_power_of_two(dim: int) -> None:
+    if dim < 1 or dim & (dim - 1):
         raise ConfigError(f"the Hadamard rotation needs a power-of-two head_dim, got {dim}")
-    h = torch.ones(1, 1)
+
+
+@functools.lru_cache(maxsize=16)
+def rotation_matrix(dim: int, seed: int) -> torch.Tensor:
+    check_power_of_two(dim)
+    # float32 throughout, whatever torch's default dtype (the signs are the float32 draw of docs/format.md §6.1.1)
+    h = torch.ones(1, 1, dtype=torch.float32)
     while h.shape[0] < dim:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
     gen = torch.Generator().manual_seed(seed)
-    signs = torch.where(torch.rand(dim, generator=gen) < 0.5, -1.0, 1.0)
+    uniform = torch.rand(dim, generator=gen, dtype=torch.float32)
+    signs = torch.where(uniform < 0.5, torch.tensor(-1.0, dtype=torch.float32), torch.tensor(1.0, dtype=torch.float32))
     return h * signs[None, :] / dim ** 0.5   # orthogonal: R @ R.T == I
 
 
@@ -33,8 +42,15 @@ class HadamardRotation(Transform):
     id = "hadamard"
     params = {"seed": (int, 0)}
 
+    def validate(self) -> None:
+        if not MIN_SEED <= self.seed <= MAX_SEED:
+            raise ConfigError(f"hadamard: seed must be in [-2**63, 2**64 - 1], got {self.seed}")
+
+    def check_head_dim(self, head_dim: int) -> None:
+        check_power_of_two(head_dim)
+
     def forward(self, x: torch.Tensor, ctx: TensorContext) -> torch.Tensor:
-        return x @ _rotation(x.shape[-1], self.seed).T
+        return x @ rotation_matrix(x.shape[-1], self.seed).T
 
     def inverse(self, y: torch.Tensor, ctx: TensorContext) -> torch.Tensor:
-        return y @ _rotation(y.shape[-1], self.seed)
+        return y @ rotation_matrix(y.shape[-1], self.seed)

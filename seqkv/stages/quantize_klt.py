@@ -15,7 +15,7 @@ import math
 import numpy as np
 import torch
 
-from ..errors import ConfigError, FormatError, NonFiniteError
+from ..errors import ConfigError, FormatError, NonFiniteError, ValueRangeError
 from ..wire import Reader
 from .base import Quantizer, TensorContext, register
 from .quantize_uniform import quantize_symbols
@@ -131,8 +131,11 @@ class KLTQuantizer(Quantizer):
             q, recon, use, sq_err = quantize_rows(columns_of(z).numpy(), steps.numpy(), self.rounding,
                                                   None if pred is None else columns_of(pred).numpy())
         except QuantizeError as exc:
-            hint = "; lossy presets reject them, use preset='lossless' to keep them bit-exact" if "NaN" in str(exc) else ""
-            raise NonFiniteError(f"layer {ctx.layer} {ctx.kind}: {exc}{hint}") from None
+            if "NaN" in str(exc):
+                raise NonFiniteError(f"layer {ctx.layer} {ctx.kind}: {exc}; lossy presets reject them, "
+                                     "use preset='lossless' to keep them bit-exact") from None
+            raise ValueRangeError(f"layer {ctx.layer} {ctx.kind}: {exc} (symbols beyond 2**30 at this scale); "
+                                  "use a smaller target or preset='lossless'") from None
         side = bytearray(np.float32(scale).astype("<f4").tobytes())
         if self.cross_layer:
             if use is None or not use.any():

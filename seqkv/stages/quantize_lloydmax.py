@@ -13,7 +13,7 @@ import functools
 import numpy as np
 import torch
 
-from ..errors import ConfigError, FormatError, NonFiniteError
+from ..errors import ConfigError, FormatError, NonFiniteError, ValueRangeError
 from ..wire import Reader
 from .base import Quantizer, TensorContext, register
 
@@ -50,7 +50,10 @@ class LloydMaxQuantizer(Quantizer):
                 "use preset='lossless' to keep them bit-exact"
             )
         heads, tokens, dim = x.shape
-        scale = (x.pow(2).mean(1).sqrt() if tokens else torch.ones(heads, dim)).clamp_min(1e-12)
+        scale = (x.pow(2).mean(1).sqrt() if tokens else torch.ones(heads, dim, dtype=torch.float32)).clamp_min(1e-12)
+        if not bool(torch.isfinite(scale).all()):  # what read_side demands
+            raise ValueRangeError(f"layer {ctx.layer} {ctx.kind}: values too large for the Lloyd-Max quantizer; "
+                                  "use preset='lossless'")
         levels = torch.from_numpy(lloyd_max_levels(self.bits))
         edges = (levels[1:] + levels[:-1]) / 2
         idx = torch.bucketize((x / scale[:, None, :]).contiguous(), edges)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..errors import ConfigError, FormatError, NonFiniteError
+from ..errors import ConfigError, FormatError, NonFiniteError, ValueRangeError
 from ..wire import Reader
 from .base import Quantizer, TensorContext, register
 
@@ -52,9 +52,9 @@ class UniformQuantizer(Quantizer):
     def channel_steps(self, x: torch.Tensor, kind: str) -> torch.Tensor:
         """Per-(head, channel) steps [H, D] for ``x`` [H, T, D]."""
         heads, tokens, dim = x.shape
-        ms = x.pow(2).mean(1) if tokens else torch.ones(heads, dim)  # [H, D]
+        ms = x.pow(2).mean(1) if tokens else torch.ones(heads, dim, dtype=torch.float32)  # [H, D]
         rms = ms.mean().sqrt().clamp_min(1e-6)
-        step = torch.full((heads, dim), float(self.step) * float(rms))
+        step = torch.full((heads, dim), float(self.step) * float(rms), dtype=torch.float32)
         if kind == "keys":
             step = step * self.key_step_scale
             if self.key_channel_gamma and dim % 2 == 0:
@@ -70,9 +70,13 @@ class UniformQuantizer(Quantizer):
                 "use preset='lossless' to keep them bit-exact"
             )
         steps = self.channel_steps(x, ctx.kind).to(torch.float32)
+        if not (bool(torch.isfinite(steps).all()) and bool((steps > 0).all())):  # what read_side demands
+            raise ValueRangeError(f"layer {ctx.layer} {ctx.kind}: values too large for the quantizer "
+                                  "(its steps overflow float32); use preset='lossless'")
         q = quantize_symbols(x, steps, self.rounding)
         if q.numel() and q.abs().max() > 2**30:
-            raise NonFiniteError(f"layer {ctx.layer} {ctx.kind}: values too large for the quantizer")
+            raise ValueRangeError(f"layer {ctx.layer} {ctx.kind}: values too large for the quantizer "
+                                  "(symbols beyond 2**30); use preset='lossless'")
         return q.to(torch.int32).numpy(), steps.numpy().astype("<f4").tobytes()
 
     def read_side(self, reader: Reader, heads: int, dim: int) -> torch.Tensor:
