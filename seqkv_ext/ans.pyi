@@ -27,4 +27,5 @@ def decode_rows(
     out: npt.NDArray[np.int32],
     rows: npt.NDArray[np.int64],
     add: npt.NDArray[np.int64],
+    hist: npt.NDArray[np.int64] | None = None,
 ) -> bool: ...

@@ -421,9 +421,13 @@ cdef tuple _decode_k(words, freqs, count, shift, int strategy):
 
 @cython.boundscheck(False)  # i < n_rows == rv.shape[0] == av.shape[0], rv[i] checked, j < tokens
 @cython.wraparound(False)
-def decode_rows(words, freqs, shift, int32_t[:, ::1] out, const int64_t[::1] rows, const int64_t[::1] add):
+def decode_rows(words, freqs, shift, int32_t[:, ::1] out, const int64_t[::1] rows, const int64_t[::1] add,
+                hist=None):
     """Decode ``len(rows) * out.shape[1]`` symbols straight into rows of ``out``:
     ``out[rows[i], j] = symbol[i * T + j] + add[i]`` (T = out.shape[1]).  Returns ``clean`` as :func:`decode`.
+
+    ``hist`` (optional, int64 [K], C-contiguous): receives the count of each decoded alphabet index (it is
+    overwritten), for the reader's check that the table is the quantisation of the symbols' histogram.
 
     One pass where decode, the alphabet offset, a per-row offset and the scatter into a
     [rows, tokens] array took five.  Raises ValueError for invalid arguments, a row
@@ -444,6 +448,13 @@ def decode_rows(words, freqs, shift, int32_t[:, ::1] out, const int64_t[::1] row
         if rv[i] < 0 or rv[i] >= total_rows:
             raise ValueError(f"row {rv[i]} outside [0, {total_rows})")
     symbols, clean, k = _decode_k(words, freqs, n_rows * tokens, shift, _AUTO)
+    cdef int64_t[::1] hv
+    cdef bint counting = hist is not None
+    if counting:
+        hv = hist
+        if hv.shape[0] != k:
+            raise ValueError(f"hist has {hv.shape[0]} entries for an alphabet of {k}")
+        hv[:] = 0
     if n_rows == 0 or tokens == 0:
         return clean
     lo_add, hi_add = av[0], av[0]
@@ -464,4 +475,7 @@ def decode_rows(words, freqs, shift, int32_t[:, ::1] out, const int64_t[::1] row
             a = <int32_t>av[i]
             for j in range(tokens):
                 dst[j] = src[j] + a
+        if counting:  # every symbol lies in [0, k): the decoder emits table indices only
+            for j in range(n_rows * tokens):
+                hv[sv[j]] += 1
     return clean
