@@ -24,7 +24,7 @@ import re
 from abc import ABC, abstractmethod
 from urllib.parse import urlparse
 
-from ..errors import ConfigError
+from ..errors import ConfigError, StorageError
 
 ENTRIES, QUARANTINE, LIMBO = "entries", "quarantine", "limbo"
 AREAS = (ENTRIES, QUARANTINE, LIMBO)
@@ -114,6 +114,14 @@ class Backend(ABC):
 
 
 _SCHEMES: dict[str, type] = {}
+
+
+def aside_address(head: str, area: str, name: str) -> str:
+    """The address of a set-aside item (quarantine, limbo) under its area's ``head`` prefix, for backends that
+    keep every area in one key space (Redis, S3); the name is checked first."""
+    if not ASIDE_NAME_RE.match(name):
+        raise StorageError(f"invalid item {name!r} of area {area!r}")
+    return head + name
 
 
 def register_backend(*schemes: str):

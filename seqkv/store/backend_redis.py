@@ -16,7 +16,9 @@ import time
 from urllib.parse import urlparse
 
 from ..errors import ConfigError, StorageError
-from .backend import AREAS, ASIDE_NAME_RE, ENTRIES, KEY_RE, META_FOLDER_RE, META_NAME_RE, Backend, register_backend
+from .backend import (
+    AREAS, ENTRIES, KEY_RE, META_FOLDER_RE, META_NAME_RE, Backend, aside_address, register_backend,
+)
 
 # the LRU record is a sorted set: a key of another type there (damage, or another program's key under this
 # prefix) is refused BEFORE anything is written, so a failed call leaves nothing behind
@@ -125,11 +127,7 @@ class RedisBackend(Backend):
         return f"{self.prefix}e:" if area == ENTRIES else f"{self.prefix}{area}:"
 
     def _item(self, area: str, name: str) -> str:
-        if area == ENTRIES:
-            return self._k(name)
-        if not ASIDE_NAME_RE.match(name):
-            raise StorageError(f"invalid item {name!r} of area {area!r}")
-        return self._head(area) + name
+        return self._k(name) if area == ENTRIES else aside_address(self._head(area), area, name)
 
     def _call(self, what: str, fn, *args, **kw):
         try:

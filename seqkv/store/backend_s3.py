@@ -15,7 +15,9 @@ import time
 from urllib.parse import urlparse
 
 from ..errors import ConfigError, StorageError
-from .backend import AREAS, ASIDE_NAME_RE, ENTRIES, KEY_RE, META_FOLDER_RE, META_NAME_RE, Backend, register_backend
+from .backend import (
+    AREAS, ENTRIES, KEY_RE, META_FOLDER_RE, META_NAME_RE, Backend, aside_address, register_backend,
+)
 
 _MISSING = ("NoSuchKey", "404", "NotFound")
 
@@ -64,11 +66,7 @@ class S3Backend(Backend):
         return f"{self.prefix}{area}/"
 
     def _item(self, area: str, name: str) -> str:
-        if area == ENTRIES:
-            return self._k(name)
-        if not ASIDE_NAME_RE.match(name):
-            raise StorageError(f"invalid item {name!r} of area {area!r}")
-        return self._head(area) + name
+        return self._k(name) if area == ENTRIES else aside_address(self._head(area), area, name)
 
     def _code(self, exc) -> str:
         if isinstance(exc, self._ClientError):
