@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import multiprocessing
+import contextlib
 import os
 import random
 import signal
@@ -612,6 +613,23 @@ def test_gc_reclaims_crash_leftovers_and_then_holds_the_budget(where):
         assert store.metadata.scored_keys() == [] and store.metadata.content_digests() == []
 
 
+@contextlib.contextmanager
+def _after_planning(store, action):
+    """Run ``action`` (another process's gc) between a put's coding of its chunks and its writes."""
+    real_plan = store._plan
+
+    def plan_then_act(*args, **kw):
+        planned = real_plan(*args, **kw)
+        action()
+        return planned
+
+    store._plan = plan_then_act
+    try:
+        yield
+    finally:
+        store._plan = real_plan
+
+
 def test_a_put_slower_than_the_stale_threshold_keeps_its_base(where):
     """gc drops the reference records of a put still coding (threshold -1: every record is 'old'); the put
     notices before it writes, takes a fresh record and checks its base, so no residual lacks its base."""
@@ -619,19 +637,12 @@ def test_a_put_slower_than_the_stale_threshold_keeps_its_base(where):
     with where.open() as store:
         store.put(a, ca)
         other = where.open()
-        real_plan = store._plan
-
-        def plan_then_gc(*args, **kw):
-            planned = real_plan(*args, **kw)
-            other.gc(stale_refs_after=-1)  # drops the put's (young) records: the put looks crashed
-            return planned
-
-        store._plan = plan_then_gc
-        assert store.put(b, cb)["chunks_residual"] == 2
+        # drops the put's (young) records: the put looks crashed
+        with _after_planning(store, lambda: other.gc(stale_refs_after=-1)):
+            assert store.put(b, cb)["chunks_residual"] == 2
         for key in store.keys_for(b)[1:]:
             header, _ = unpack_entry(store.backend.get(key), key)
             assert header["base_ref"] in store.metadata.refs(header["base"])
-        store._plan = real_plan
         store.gc(max_bytes=0, stale_refs_after=-1)  # evicts b's residuals first, then a's chunks
         assert store.stats()["entries"] == 0
         other.close()
@@ -642,15 +653,8 @@ def test_a_put_whose_base_was_evicted_while_it_coded_writes_plainly(where):
     with where.open() as store:
         store.put(a, ca)
         other = where.open()
-        real_plan = store._plan
-
-        def plan_then_evict(*args, **kw):
-            planned = real_plan(*args, **kw)
-            other.gc(max_bytes=0, stale_refs_after=-1)
-            return planned
-
-        store._plan = plan_then_evict
-        res = store.put(b, cb)
+        with _after_planning(store, lambda: other.gc(max_bytes=0, stale_refs_after=-1)):
+            res = store.put(b, cb)
         assert res["chunks_written"] == 3 and res["chunks_residual"] == 0
         n, got = store.longest_prefix(b)
         assert n == 24
