@@ -65,7 +65,7 @@ def encode_residual(pipeline: Pipeline, x: torch.Tensor, base: torch.Tensor, ctx
     """The residual section of ``x`` [H, T, D] (positions ``ctx.positions``) against ``base`` (at
     ``base_positions``); EncodeError when the residual cannot be coded.  A calibrated section leaves its
     reconstruction for the next layer's cross-layer prediction in ``ctx.state`` only if the caller keeps it
-    (:func:`keep_reconstruction`)."""
+    (:func:`seqkv.stages.quantize_klt.remember_reconstruction`)."""
     if pipeline.lossless:
         return pipeline.tensor_coder.encode(np.bitwise_xor(_bits(x, dtype_name), _bits(base, dtype_name)), dtype_name)
     if is_calibrated(pipeline):
@@ -94,11 +94,6 @@ def encode_klt_residual(pipeline: Pipeline, x, base, ctx: TensorContext, base_po
     q, recon = quantize_components(pipeline.transform(x, ctx)[:, sinks:] - z_b, steps, pipeline.quantizer.rounding)
     q = _checked_symbols(q)
     return pipeline.pack(x[:, :sinks], b"", q.to(torch.int32).numpy(), ctx), z_b + recon
-
-
-def keep_reconstruction(ctx: TensorContext, recon: torch.Tensor) -> None:
-    """What the decoder will hold for this section is what the next layer predicts from."""
-    remember_reconstruction(ctx, recon)
 
 
 def decode_residual(pipeline: Pipeline, payload, base: torch.Tensor, ctx: TensorContext, base_positions,

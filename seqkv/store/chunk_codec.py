@@ -46,10 +46,11 @@ import torch
 from ..errors import ConfigError, SeqKVError
 from ..format import ChunkInfo, ContainerReader, Header, Pipeline, PositionsInfo, ProfileRef, open_container, write_container
 from ..format.pipeline import KINDS, section_name
-from ..format.residual import encode_klt_residual, encode_residual, is_calibrated, keep_reconstruction, residual_capable
+from ..format.residual import encode_klt_residual, encode_residual, is_calibrated, residual_capable
 from ..layout import ModelLayout
 from ..profile import Profile
 from ..stages.base import CodingState, TensorContext
+from ..stages.quantize_klt import remember_reconstruction
 
 CHUNK_FORMAT = 1
 
@@ -102,7 +103,7 @@ def encode_chunk(layers, positions: torch.Tensor, pipeline_config: dict, layout:
                 if res is not None and len(res) < len(plain):
                     best, mode = res, "r"
                     if recon is not None:  # the next layer predicts from what the decoder will hold
-                        keep_reconstruction(ctx, recon)
+                        remember_reconstruction(ctx, recon)
             sections[section_name(i, kind)] = best
             modes.append(mode)
     residual = modes.count("r")
