@@ -194,14 +194,14 @@ def test_whatever_the_decoder_raises_on_stored_bytes_quarantines(where, monkeypa
     ids, cache = make_cache(16)
     with where.open() as store:
         store.put(ids, cache)
-        real = chunk_codec.ParsedChunk.decode
+        real_sections = chunk_codec.ParsedChunk.sections
 
-        def decode(self, base=None, profile=None):
+        def sections(self, *args, **kwargs):   # the step of a hit that reads the stored bytes
             if int(self.positions[0]) == 8:
                 raise RuntimeError("value cannot be converted to type int64_t without overflow")
-            return real(self, base, profile)
+            return real_sections(self, *args, **kwargs)
 
-        monkeypatch.setattr(chunk_codec.ParsedChunk, "decode", decode)
+        monkeypatch.setattr(chunk_codec.ParsedChunk, "sections", sections)
         with pytest.raises(seqkv.store.CorruptEntryError, match="RuntimeError"):
             store.longest_prefix(ids)
         assert len(quarantined(store.backend)) == 1

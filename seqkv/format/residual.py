@@ -22,9 +22,9 @@ from ..stages.base import TensorContext
 from ..stages.klt import profile_part
 from ..stages.quantize_klt import component_steps, quantize_components, remember_reconstruction
 from ..stages.quantize_uniform import quantize_symbols
-from ..stages.rope import keys_to_post_rope, keys_to_pre_rope
+from ..stages.rope import keys_to_pre_rope
 from ..wire import Reader
-from .pipeline import BITS_DTYPE, Pipeline, check_lossy_values, clamp_to_dtype, section_name
+from .pipeline import BITS_DTYPE, Pipeline, check_lossy_values, section_name
 
 MAX_RESIDUAL_SYMBOL = 2**30
 
@@ -99,21 +99,30 @@ def encode_klt_residual(pipeline: Pipeline, x, base, ctx: TensorContext, base_po
 def decode_residual(pipeline: Pipeline, payload, base: torch.Tensor, ctx: TensorContext, base_positions,
                     dtype_name: str, shape) -> torch.Tensor:
     """The tensor [H, T, D] of a residual section."""
+    sinks, body = decode_residual_parts(pipeline, payload, base, ctx, base_positions, dtype_name, shape)
+    return body if pipeline.lossless else pipeline.restore(body, sinks, ctx, dtype_name)
+
+
+def decode_residual_parts(pipeline: Pipeline, payload, base: torch.Tensor, ctx: TensorContext, base_positions,
+                          dtype_name: str, shape) -> tuple:
+    """A residual section up to the pipeline's inverse transforms, as ``Pipeline.restore`` takes it:
+    (exact sink tokens [H, s, D], the tokens after them in the transform domain); lossless: (None, the
+    tensor).  A calibrated section leaves its reconstruction in ``ctx.state`` for the next layer."""
     if pipeline.lossless:
         torch_int, _ = BITS_DTYPE[dtype_name]
         bits = np.bitwise_xor(pipeline.tensor_coder.decode(payload, dtype_name, shape), _bits(base, dtype_name))
-        return torch.from_numpy(np.ascontiguousarray(bits)).view(torch_int).view(DTYPES_BY_NAME[dtype_name])
+        return None, torch.from_numpy(np.ascontiguousarray(bits)).view(torch_int).view(DTYPES_BY_NAME[dtype_name])
     if is_calibrated(pipeline):
         sinks, z_b, steps = _klt_parts(pipeline, base, ctx, base_positions, shape[1])
         parts = pipeline.read_symbols(payload, ctx, dtype_name, shape, quantizer_side=False)
         recon = z_b + torch.from_numpy(np.ascontiguousarray(parts.symbols)).to(torch.float32) * steps[:, None, :]
         remember_reconstruction(ctx, recon)
-        return pipeline.restore(recon, parts.sinks, ctx, dtype_name)
+        return parts.sinks, recon
     reader = Reader(payload, what=section_name(ctx.layer, ctx.kind))
     q = pipeline.symbol_coder.decode(reader, shape)
     reader.expect_end()
     bp = keys_to_pre_rope(base, ctx.kind, base_positions, ctx.layout)
     steps = pipeline.quantizer.channel_steps(bp, ctx.kind).to(torch.float32)
     y = bp + torch.from_numpy(np.ascontiguousarray(q)).to(torch.float32) * steps[:, None, :]
-    dtype = DTYPES_BY_NAME[dtype_name]
-    return clamp_to_dtype(keys_to_post_rope(y, ctx.kind, ctx.positions, ctx.layout), dtype).to(dtype)
+    # every token is in the residual (no exact sinks): RoPE, the dtype and the layout as for a plain section
+    return torch.empty((shape[0], 0, shape[2]), dtype=DTYPES_BY_NAME[dtype_name]), y

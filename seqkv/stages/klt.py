@@ -17,7 +17,8 @@ from .base import TensorContext, Transform, register
 
 def rows_of(x: torch.Tensor) -> torch.Tensor:
     """[H, T, D] -> [T, H*D]: one row per token, the layer's heads side by side (component c = h*D + d)."""
-    return x.permute(1, 0, 2).reshape(x.shape[1], -1)
+    # explicit width: a tensor with no tokens (a cache of sink tokens only has an empty body) has none to infer
+    return x.permute(1, 0, 2).reshape(x.shape[1], x.shape[0] * x.shape[2])
 
 
 def from_rows(rows: torch.Tensor, heads: int, dim: int) -> torch.Tensor:
@@ -45,6 +46,32 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.matmul(a.numpy(), b.numpy()))
 
 
+def on_cpu(*tensors: torch.Tensor) -> bool:
+    """CPU tensors without autograd: numpy can run on them in place of torch."""
+    return all(t.device.type == "cpu" and not t.requires_grad for t in tensors)
+
+
+def centred_columns(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """``columns_of(x) - mean[:, None]`` ([H*D, T], contiguous).  On the CPU one numpy pass does the transpose
+    and the subtraction (the same float32 differences): torch's elementwise ops start their thread pool for
+    tensors of this size, and on a loaded machine waiting for it costs more than the work."""
+    if not on_cpu(x, mean) or x.dtype != torch.float32 or mean.dtype != torch.float32:
+        return columns_of(x) - mean[:, None]
+    heads, tokens, dim = x.shape
+    out = np.empty((heads, dim, tokens), dtype=np.float32)
+    np.subtract(x.numpy().transpose(0, 2, 1), mean.numpy().reshape(heads, dim, 1), out=out)
+    return torch.from_numpy(out.reshape(heads * dim, tokens))
+
+
+def add_rows(rows: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+    """``rows.add_(vector)`` (every row plus ``vector``), in numpy on the CPU (see :func:`centred_columns`)."""
+    if not on_cpu(rows, vector) or rows.dtype != torch.float32 or vector.dtype != torch.float32:
+        return rows.add_(vector)
+    a = rows.numpy()
+    np.add(a, vector.numpy(), out=a)
+    return rows
+
+
 def profile_part(ctx: TensorContext):
     """The profile entry for the tensor in ``ctx``; ConfigError when no profile was given."""
     profile = ctx.state.profile
@@ -64,10 +91,10 @@ class KLTransform(Transform):
         """Coefficients laid out channel-major ([H*D, T] columns): the quantizer, the temporal predictor and
         the entropy coder all run along the tokens of one component, so none of them copies."""
         part = profile_part(ctx)
-        return from_columns(matmul(part.basis.T, columns_of(x) - part.mean[:, None]), x.shape[0], x.shape[2])
+        return from_columns(matmul(part.basis.T, centred_columns(x, part.mean)), x.shape[0], x.shape[2])
 
     def inverse(self, y: torch.Tensor, ctx: TensorContext) -> torch.Tensor:
         """Tokens laid out [T, H, D] (rows): RoPE then runs along contiguous channels, and the copy into the
         cache's [H, T, D] moves whole head vectors.  The product reads channel-major input as it is."""
         part = profile_part(ctx)
-        return from_rows(matmul(rows_of(y), part.basis.T).add_(part.mean), y.shape[0], y.shape[2])
+        return from_rows(add_rows(matmul(rows_of(y), part.basis.T), part.mean), y.shape[0], y.shape[2])

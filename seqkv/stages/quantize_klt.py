@@ -24,9 +24,29 @@ from .klt import columns_of, from_columns, matmul, profile_part
 MIN_SCALE, MAX_SCALE = 1e-6, 1e6
 
 
+MAX_MEMO_SCALES = 16  # steps kept per profile part (a store uses one scale; rate control tries a few)
+
+
 def component_steps(part, scale: float, heads: int, dim: int) -> torch.Tensor:
-    """Steps laid out like the KLT stage's output, [H, D]."""
-    return part.steps(scale).reshape(heads, dim).to(torch.float32)
+    """Steps laid out like the KLT stage's output, [H, D] (do not modify: it may be shared).
+
+    Computed once per part and scale, then kept in ``part.derived`` (a store decodes every tensor of every
+    chunk with the same steps); an entry is used only while the part still has the weights tensor (same
+    object, unmodified) and sensitivity it was computed from."""
+    memo = getattr(part, "derived", None)
+    if memo is None:  # a stand-in part without the cache
+        return part.steps(scale).reshape(heads, dim).to(torch.float32)
+    key = ("steps", float(scale), heads, dim)
+    source = (part.weights, part.weights._version, part.sensitivity)
+    hit = memo.get(key)
+    if hit is not None and hit[0] is source[0] and hit[1:3] == source[1:]:
+        return hit[3]
+    steps = part.steps(scale).reshape(heads, dim).to(torch.float32)
+    kept = [k for k in memo if k[0] == "steps"]
+    if len(kept) >= MAX_MEMO_SCALES:
+        del memo[kept[0]]  # the oldest
+    memo[key] = (*source, steps)
+    return steps
 
 
 def quantize_components(z: torch.Tensor, steps: torch.Tensor, rounding: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -45,6 +45,7 @@ import torch
 
 from ..errors import ConfigError, SeqKVError
 from ..format import ChunkInfo, ContainerReader, Header, Pipeline, PositionsInfo, ProfileRef, open_container, write_container
+from ..format.chunk_run import ChunkSections, assemble, decode_sections
 from ..format.pipeline import KINDS, section_name
 from ..format.residual import encode_klt_residual, encode_residual, is_calibrated, residual_capable
 from ..layout import ModelLayout
@@ -139,9 +140,15 @@ class ParsedChunk:
     def token_section(self):
         return self.reader.token_section()
 
-    def decode(self, base=None, profile=None):
-        """[(K, V)] of [H, T, D]; ``base``: (layers, positions) of the base chunk when it has one;
-        ``profile``: the profile a calibrated chunk was coded with (ProfileMismatchError otherwise)."""
+    def sections(self, base=None, profile=None) -> ChunkSections:
+        """The chunk decoded up to its inverse transforms (:mod:`seqkv.format.chunk_run`): what
+        :func:`~seqkv.format.chunk_run.assemble` joins with the next chunks' into one cache.  ``base``:
+        (layers, positions) of the base chunk when it has one; ``profile``: the profile a calibrated chunk
+        was coded with (ProfileMismatchError otherwise)."""
         if profile is not None or self.reader.header.profile is not None:
             self.reader.use_profile(profile)
-        return self.reader.chunk_layers(base)
+        return decode_sections(self.reader, base)
+
+    def decode(self, base=None, profile=None):
+        """[(K, V)] of [H, T, D] (arguments as :meth:`sections`)."""
+        return assemble([self.sections(base, profile)])

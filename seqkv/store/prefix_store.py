@@ -67,6 +67,7 @@ from . import leftovers as _leftovers
 from .arguments import DTYPE_NAMES
 from .backend import open_backend
 from .chunk_codec import ParsedChunk, encode_chunk
+from ..format.chunk_run import all_finite, assemble
 from .chunking import CHUNKINGS, chunk_bounds
 from .entries import drop_hidden, hide, quarantine, unhide
 from .envelope import ENVELOPE_VERSION, envelope_version, pack_entry, ref_nonce, unpack_entry
@@ -94,11 +95,22 @@ class _Raced(Exception):
     """A chunk found by the walk was evicted (or replaced) before it could be decoded."""
 
 
-def scale_for_kl(cache, profile, target_kl: float = 0.01, *, model=None) -> float:
-    """The calibrated quantizer's ``scale`` that rate control picks for ``cache`` at ``target_kl``
-    (predicted mean KL): resolve a KL target once, on a representative cache, into the fixed scale a
-    ``PrefixStore(profile=..., codec_options={"scale": s})`` codes every chunk with."""
-    return float(inspect(encode(cache, profile=profile, model=model, target_kl=target_kl))["rate_control"]["scale"])
+def scale_for_kl(caches, profile, target_kl: float = 0.01, *, model=None, token_ids=None,
+                 closed_loop: bool | None = None) -> float:
+    """The fixed scale a ``PrefixStore(profile=..., codec_options={"scale": s})`` codes every chunk with,
+    resolved once from ``target_kl`` on representative caches: rate control runs on each of ``caches`` (one
+    DynamicCache or a list) and the finest scale wins, so every one of them meets the target.  With ``model``
+    a model that can run, each is closed loop (the KL measured on the cache's own last tokens, see
+    :func:`seqkv.encode`; ``token_ids``: one id sequence per cache, else recovered); otherwise predicted."""
+    several = isinstance(caches, (list, tuple))
+    caches = list(caches) if several else [caches]
+    if not caches:
+        raise ConfigError("scale_for_kl needs at least one cache")
+    ids = [None] * len(caches) if token_ids is None else list(token_ids) if several else [token_ids]
+    if len(ids) != len(caches):
+        raise ConfigError(f"token_ids: {len(ids)} sequences for {len(caches)} caches")
+    return min(float(inspect(encode(c, profile=profile, model=model, target_kl=target_kl, token_ids=t,
+                                    closed_loop=closed_loop))["rate_control"]["scale"]) for c, t in zip(caches, ids))
 
 
 @dataclass
@@ -113,7 +125,7 @@ class _Chunk:
     header: dict | None = None    # a chunk to write: its envelope header and payload
     payload: bytes = b""
     info: dict = field(default_factory=dict)
-    material: tuple | None = None  # (layers, positions, tokens digest) decoded from the payload, kept only
+    material: tuple | None = None  # (sections, positions, tokens digest) decoded from the payload, kept only
                                    # when a later chunk of this put may use it as its base
     base_bytes: bytes | None = None  # the stored base entry the residual was coded against (None: a base
                                      # of this put)
@@ -347,9 +359,10 @@ class PrefixStore:
             raise self._quarantine(key, f"the reader failed on it: {type(exc).__name__}: {exc}", read) from None
 
     def _decode_parsed(self, key: str, parsed: ParsedChunk, base, read=None):
-        """The chunk's layers, or quarantine the entry (as in :meth:`_parse_payload`)."""
+        """The chunk's sections (decoded up to the inverse transforms), or quarantine the entry (as in
+        :meth:`_parse_payload`)."""
         try:
-            return parsed.decode(base, self.profile)
+            return parsed.sections(base, self.profile)
         except DecodeError as exc:
             raise self._quarantine(key, f"{type(exc).__name__}: {exc}", read) from None
         except SeqKVError:
@@ -385,7 +398,7 @@ class PrefixStore:
             base = self._load(parsed.base, ns_digest, tokens_sha, depth + 1, memo)[:2]
         if self.layout is not None:
             parsed.layout.check_same_model(self.layout, what="store entry")
-        layers = self._decode_parsed(key, parsed, base)
+        layers = assemble([self._decode_parsed(key, parsed, base)])
         memo[key] = (layers, parsed.positions, bytes(data))
         return memo[key]
 
@@ -470,7 +483,8 @@ class PrefixStore:
                                            and not self.backend.exists(current)):
                         pending_index[content] = key
                 if later[content] > i and pending_index.get(content) == key:
-                    materials[key] = chunk.material
+                    sections, positions, digest = chunk.material
+                    materials[key] = (assemble([sections]), positions, digest)
                 chunk.material = None
                 prev = key
         except BaseException:
@@ -598,34 +612,37 @@ class PrefixStore:
         raise failure
 
     def _decode_back(self, payload, base, chunk, positions, i, s, e):
-        """(layers, positions) of a freshly coded payload as a reader will decode it; EncodeError when that
-        fails or differs from what was coded (shape, positions; bit-exact for lossless, finite for lossy)."""
+        """(sections, positions) of a freshly coded payload as a reader decodes it, up to the inverse transforms
+        (:mod:`seqkv.format.chunk_run`: every byte is read and checked there; the transforms after it are
+        arithmetic on finite values); EncodeError when that fails or differs from what was coded (shape,
+        positions; bit-exact for lossless, finite for lossy)."""
         what = f"chunk {i} (tokens {s}..{e})"
         hint = ("; a lossy codec cannot carry values this large (or NaN/Inf): store them with preset='lossless'"
                 if self.pipeline["mode"] != "lossless" else "")
         try:
             parsed = ParsedChunk(payload)
-            layers = parsed.decode(None if base is None else (base[1], base[2]), self.profile)
+            sections = parsed.sections(None if base is None else (base[1], base[2]), self.profile)
         except _NOT_DATA_ERRORS:
             raise
         except Exception as exc:
             raise EncodeError(f"{what} cannot be stored: its coded form does not decode "
                               f"({type(exc).__name__}: {exc}){hint}") from None
-        if len(layers) != len(chunk) or not torch.equal(parsed.positions, positions):
+        if len(sections.tensors) != len(chunk) or not torch.equal(parsed.positions, positions):
             raise EncodeError(f"{what} cannot be stored: its coded form decodes to another layout or positions")
+        want_shape, want_dtype = tuple(chunk[0][0].shape), chunk[0][0].dtype
+        if sections.shape[1:] != want_shape or sections.dtype != SUPPORTED_DTYPES[want_dtype]:
+            raise EncodeError(f"{what} cannot be stored: it decodes to {sections.shape[1:]} {sections.dtype}, "
+                              f"not {want_shape} {want_dtype}")
         lossless = self.pipeline["mode"] == "lossless"
-        for (k, v), (ck, cv) in zip(layers, chunk):
-            for got, want in ((k, ck), (v, cv)):
-                if got.shape != want.shape or got.dtype != want.dtype:
-                    raise EncodeError(f"{what} cannot be stored: it decodes to {tuple(got.shape)} {got.dtype}, "
-                                      f"not {tuple(want.shape)} {want.dtype}")
+        for pair, (ck, cv) in zip(sections.tensors, chunk):
+            for (_, got), want in zip(pair, (ck, cv)):
                 if lossless:
                     bits = torch.int32 if want.dtype == torch.float32 else torch.int16
                     if not torch.equal(got.contiguous().view(bits), want.contiguous().view(bits)):
                         raise EncodeError(f"{what} cannot be stored: the lossless codec did not give its bits back")
-                elif not bool(torch.isfinite(got).all()):
+                elif not all_finite(got):  # the exact sink tokens are the cache's own, checked by the encoder
                     raise EncodeError(f"{what} cannot be stored: it decodes to values that are not finite{hint}")
-        return layers, parsed.positions
+        return sections, parsed.positions
 
     def _write(self, plan: list, ctx: dict, out: dict) -> list:
         """Phase 2 of a put: write the planned chunks in order; the keys of the chunks stored (written or
@@ -786,29 +803,25 @@ class PrefixStore:
             found, ns_digest, bounds = self._walk(ids, d, pos)
             if len(found) > len(best):
                 best, best_ns, best_bounds = found, ns_digest, bounds
-        per_layer = None
+        # each chunk's sections first (whatever reads stored bytes, so a failure names its entry), then the
+        # inverse transforms once per layer over all of them (seqkv.format.chunk_run)
+        found = []
         used = []
         memo: dict = {}
         for key, s, e, header, payload, data in best:
             try:
-                layers = self._decode_found(key, s, e, header, payload, data, best_ns, pos, memo)
+                sections = self._decode_found(key, s, e, header, payload, data, best_ns, pos, memo)
+                if found and (sections.shape[0], sections.shape[1], sections.shape[3], sections.dtype) != (
+                        found[0].shape[0], found[0].shape[1], found[0].shape[3], found[0].dtype):
+                    raise self._quarantine(key, "its layers, heads, head size or dtype differ from the previous "
+                                           "chunks'", data)
             except _Raced:
                 break
-            if per_layer is None:
-                per_layer = [([k], [v]) for k, v in layers]
-            else:
-                if len(layers) != len(per_layer):
-                    try:
-                        raise self._quarantine(key, "its layer count differs from the previous chunks'", data)
-                    except _Raced:
-                        break
-                for acc, (k, v) in zip(per_layer, layers):
-                    acc[0].append(k)
-                    acc[1].append(v)
+            found.append(sections)
             used.append(key)
         if not used:
             return 0, None
-        merged = [(torch.cat(ks, dim=1), torch.cat(vs, dim=1)) for ks, vs in per_layer]
+        merged = assemble(found)
         n = best[len(used) - 1][2]
         self._touch_chain(used, ids, best_bounds)
         self.counters.add_hit(n)
@@ -820,8 +833,9 @@ class PrefixStore:
             raise ConfigError(f"cannot build the cache on device {str(dev)!r}: {type(exc).__name__}: {exc}") from None
 
     def _decode_found(self, key, s, e, header, payload, data, ns_digest, pos, memo):
-        """The layers of a chunk the walk found, checked; _Raced when it was evicted (or written again)
-        since the walk read it, whatever went wrong: only the bytes still stored are ever quarantined."""
+        """The sections (:class:`~seqkv.format.chunk_run.ChunkSections`) of a chunk the walk found, checked;
+        _Raced when it was evicted (or written again) since the walk read it, whatever went wrong: only the
+        bytes still stored are ever quarantined."""
         parsed = self._parse_payload(key, payload, data)
         if self.layout is not None:
             parsed.layout.check_same_model(self.layout, what="store entry")
@@ -838,12 +852,11 @@ class PrefixStore:
                     raise _Raced() from None
                 self.metadata.remove_ref(header["base"], header["base_ref"])
                 raise self._quarantine(key, f"its residual base cannot be used: {exc}", data) from None
-        layers = self._decode_parsed(key, parsed, base, data)
-        if parsed.tokens != e - s or layers[0][0].shape[1] != e - s:
+        if parsed.tokens != e - s:
             raise self._quarantine(key, f"it decodes to {parsed.tokens} tokens, not {e - s}", data)
         if not torch.equal(parsed.positions, torch.as_tensor(pos[s:e], dtype=torch.int64)):
             raise self._quarantine(key, "its payload's positions differ from its envelope's", data)
-        return layers
+        return self._decode_parsed(key, parsed, base, data)
 
     def tokens_of(self, key: str, dtype: str = "float32") -> list:
         """The token ids an entry carries (following residual bases), decoded from its token section."""
