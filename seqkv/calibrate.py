@@ -15,15 +15,23 @@
    ``s = KL / sigma^2``, averaged over the texts.
 4. ``kl_gain``: encode the calibration texts with the profile at a predicted KL and
    measure the true KL; the ratio corrects the linear model (the worst text wins).
+5. The KL model's held-out error (:mod:`seqkv.kl_prediction_check`): from step 3's and 4's measurements
+   (each container's weighted MSE per tensor, read back from its decoded cache), refit sensitivities and
+   ``kl_gain`` without each text in turn and predict that text's measured KL; the ratios are stored in the
+   profile (``Profile.kl_check``) and ``seqkv.inspect`` turns them into an error bar.  One text cannot be
+   checked, and a held-out error above ``KL_PREDICTION_FACTOR_LIMIT`` means the texts do not predict each
+   other: both warn (:class:`~seqkv.kl_prediction_check.CalibrationWarning`).
 """
 from __future__ import annotations
 
 import datetime
+import warnings
 
 import torch
 
 from .codec import decode, encode, inspect
 from .errors import ConfigError
+from .kl_prediction_check import CalibrationWarning, leave_one_text_out
 from .layout import layout_from_model
 from .model_calls import cache_of
 from .profile import KINDS, LayerKindProfile, Profile
@@ -35,6 +43,7 @@ from .stages.rope import keys_to_post_rope, keys_to_pre_rope
 DEFAULT_SINK_TOKENS = 4
 NOISE_RMS_FRACTION = 0.05     # calibration noise, relative to the tensor's RMS
 GAIN_PROBE_KL = (0.003, 0.01)  # predicted KLs at which kl_gain is measured
+KL_PREDICTION_FACTOR_LIMIT = 2.0  # warn when held-out text's KL was more than this factor off its prediction
 
 
 def _token_sequences(texts_or_token_ids, tokenizer) -> list[torch.Tensor]:
@@ -162,9 +171,11 @@ def calibrate(model, texts_or_token_ids, *, tokenizer=None, prompt_len: int = 20
         raise ConfigError(f"sink_tokens must be an int in [0, 64], got {sink_tokens!r}")
     layout = layout_from_model(model)
     n = layout.kv_heads * layout.head_dim
-    min_tokens = sink_tokens + 2 * n
-    if sum(max(0, min(len(s), prompt_len) - sink_tokens) for s in seqs) < min_tokens:
-        raise ConfigError(f"calibrate() needs at least {min_tokens} tokens after the sinks; got fewer")
+    min_tokens = sink_tokens + 2 * n   # the stated minimum: a covariance of n dimensions from fewer is noise
+    got = sum(max(0, min(len(s), prompt_len) - sink_tokens) for s in seqs)
+    if got < min_tokens:
+        raise ConfigError(f"calibrate() needs at least {min_tokens} tokens after the sink tokens, over all texts "
+                          f"(twice the {n} dimensions of a layer's KLT, plus the sinks); got {got}")
     probe_len = min(prompt_len, len(seqs[0]) - continuation_len - 1)
     if probe_len < max(64, sink_tokens + 16):
         raise ConfigError(f"the first calibration text needs at least {64 + continuation_len + 1} tokens "
@@ -238,19 +249,67 @@ def calibrate(model, texts_or_token_ids, *, tokenizer=None, prompt_len: int = 20
     }
     profile = Profile(layout=layout, sink_tokens=sink_tokens, parts=parts, kl_gain=1.0, info=info)
 
-    # 4. the linear model's gain, on every text long enough for the protocol
-    gains = []
+    # 4. the linear model's gain, on every text long enough for the protocol; 5. its held-out error, from the
+    # same containers: their true KL and weighted MSE per tensor
+    gains, measured, weighted_mse = [], [], []
     for p in progress_bar(probes, desc="calibrate: KL gain", enabled=progress):
+        measured.append([])
+        weighted_mse.append([])
         for target in GAIN_PROBE_KL:
-            blob = encode(p.cache, model=model, profile=profile, target_kl=target, kl_margin=1.0)
+            # the profile's prediction alone (open loop): what is measured here is how good it is
+            blob = encode(p.cache, model=model, profile=profile, target_kl=target, kl_margin=1.0, closed_loop=False)
             predicted = inspect(blob)["rate_control"]["predicted_kl"]
-            true = p.score(decode(blob, profile=profile)).mean_kl
+            decoded = decode(blob, profile=profile)
+            true = p.score(decoded).mean_kl
             gains.append(true / max(predicted, 1e-12))
+            measured[-1].append(true)
+            weighted_mse[-1].append(container_weighted_mse(profile, p.cache, decoded))
     profile.kl_gain = float(max(gains))
     profile.info["kl_gain_samples"] = [round(g, 4) for g in gains]
+    # a text given twice would be checked against itself: each distinct text once
+    first = {}
+    for j, p in enumerate(probes):
+        first.setdefault(tuple(p.token_ids[0].tolist()), j)
+    texts = sorted(first.values())
+    profile.kl_check = leave_one_text_out([{key: sens[key][j] for key in keys} for j in texts],
+                                          [weighted_mse[j] for j in texts], [measured[j] for j in texts], GAIN_PROBE_KL)
     profile.changed()
+    _warn_about_kl_prediction(profile.kl_check, len(texts))
     if triattention:
         from .pruning.triattention import calibrate as calibrate_triattention
 
         profile = profile.with_triattention(calibrate_triattention(model, [s[:prompt_len] for s in seqs]))
     return profile
+
+
+def container_weighted_mse(profile: Profile, original, decoded) -> dict:
+    """{(layer, kind): weighted MSE per element} of a decoded calibrated cache against the one encoded, in the
+    profile's KLT domain and after the sink tokens: what the profile's KL model reads (the encoder measures the
+    same on its own reconstruction, before the cache's dtype rounds it)."""
+    layout, sinks = profile.layout, profile.sink_tokens
+    out = {}
+    for i, (a, b) in enumerate(zip(original.layers, decoded.layers)):
+        positions = torch.arange(a.keys.shape[2])
+        for kind in KINDS:
+            part = profile.parts[(i, kind)]
+            pre = [keys_to_pre_rope(getattr(layer, kind)[0].to(torch.float32), kind, positions, layout) for layer in (a, b)]
+            error = rows_of(pre[0] - pre[1])[sinks:] @ part.basis     # the error of each KLT component, [T, n]
+            out[(i, kind)] = float((error.pow(2).mean(0) * part.weights).mean()) if error.shape[0] else 0.0
+    return out
+
+
+def _warn_about_kl_prediction(check, texts: int) -> None:
+    """Warn when the KL model's held-out error is unknown (one text) or above KL_PREDICTION_FACTOR_LIMIT."""
+    if check is None:
+        warnings.warn(f"calibrate(): {texts} distinct text{'' if texts == 1 else 's'} long enough for the KL "
+                      "measurements, so the KL model cannot be checked on held-out text and the profile has no "
+                      "error bar; encode(target_kl=...) with it may land several times off its target on other "
+                      "text.  Calibrate on two or more varied texts (the default `seqkv calibrate` reads three; an "
+                      "encode given model= measures the KL instead: closed_loop=True)", CalibrationWarning, stacklevel=3)
+    elif check.factor > KL_PREDICTION_FACTOR_LIMIT:
+        warnings.warn(f"calibrate(): on held-out calibration text the KL model was off by up to {check.factor:.2f}x "
+                      f"(measured / predicted {check.low:.2f} to {check.high:.2f} over {check.texts} texts), above the "
+                      f"{KL_PREDICTION_FACTOR_LIMIT:g}x this calibration aims for: the texts do not predict each other, "
+                      "and encode(target_kl=...) may land that far from its target.  Calibrate on more, and more "
+                      "varied, text (an encode given model= measures the KL instead: closed_loop=True)",
+                      CalibrationWarning, stacklevel=3)

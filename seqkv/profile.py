@@ -11,7 +11,8 @@ A profile holds, for every layer and kind (keys pre-RoPE, values):
 - ``cross`` (layers >= 1): the least-squares map from the previous layer's KLT
   coefficients (same kind) to this layer's, for cross-layer prediction.
 
-plus ``kl_gain``, the measured ratio of true to predicted KL.  Profiles are
+plus ``kl_gain``, the measured ratio of true to predicted KL, and (optional, ``kl_check``) that prediction's
+error on held-out calibration text (:mod:`seqkv.kl_prediction_check`).  Profiles are
 shared by all caches of a model, like the weights; containers refer to one by
 the SHA-256 of its codec part (``Profile.codec_hash``) and decoding refuses any
 other profile.
@@ -50,6 +51,7 @@ import torch
 import zstandard
 
 from .errors import ConfigError, ModelMismatchError
+from .kl_prediction_check import KLPredictionCheck
 from .layout import ModelLayout
 from .tri_calibration import TriCalibration
 
@@ -81,6 +83,9 @@ class LayerKindProfile:
     weights: torch.Tensor    # [n] float32, relative importance, mean 1
     sensitivity: float       # KL per unit noise power per element
     cross: torch.Tensor | None = None  # [n, n]: z_layer ~= cross @ z_(layer-1) (same kind); None for layer 0
+    # values derived from the fields above, computed once and kept by the stages that use them (the quantizer's
+    # steps per scale: seqkv.stages.quantize_klt.component_steps); each entry checks the fields it came from
+    derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     def steps(self, scale: float) -> torch.Tensor:
         """Per-component quantizer steps for the global knob ``scale`` (equal weighted distortion slope)."""
@@ -95,6 +100,9 @@ class Profile:
     kl_gain: float = 1.0              # true KL / linear-model KL, measured at calibration
     info: dict = field(default_factory=dict)  # calibration facts (texts, tokens, date), for humans
     triattention: object = field(default=None, repr=False)  # seqkv.pruning.TriCalibration or None (version 2)
+    # the KL model's held-out error, measured by calibration (seqkv.kl_prediction_check); None in profiles made
+    # before it was (or from one text): no error bar
+    kl_check: KLPredictionCheck | None = field(default=None, repr=False)
     _bytes: bytes | None = field(default=None, repr=False, compare=False)
     _codec_bytes: bytes | None = field(default=None, repr=False, compare=False)
     _digests: dict = field(default_factory=dict, repr=False, compare=False)  # id(bytes) -> (bytes, sha256 hex)
@@ -128,6 +136,8 @@ class Profile:
             "sensitivity": {f"{layer}.{kind}": p.sensitivity for (layer, kind), p in sorted(self.parts.items())},
             "info": self.info,
         }
+        if self.kl_check is not None:   # optional: a profile without it is written byte for byte as before
+            meta["kl_prediction_check"] = self.kl_check.to_json()
         return tensors, meta
 
     def to_bytes(self) -> bytes:
@@ -176,7 +186,7 @@ class Profile:
         its ``codec_hash`` is this profile's, so every container made with one decodes with the other."""
         _check_triattention(calibration, self.layout, "the TriAttention calibration")
         return Profile(self.layout, self.sink_tokens, self.parts, self.kl_gain, dict(self.info), calibration,
-                       _codec_bytes=self.codec_bytes())
+                       kl_check=self.kl_check, _codec_bytes=self.codec_bytes())
 
     def rounded(self, basis_bits: int = 14, cross_bits: int = 10) -> "Profile":
         """A copy whose KLT bases keep ``basis_bits`` and cross-layer maps ``cross_bits`` of float32's 23
@@ -193,7 +203,7 @@ class Profile:
                  for key, p in self.parts.items()}
         info = dict(self.info, rounded={"basis_mantissa_bits": basis_bits, "cross_mantissa_bits": cross_bits,
                                         "from_codec_sha256": self.codec_hash})
-        out = Profile(self.layout, self.sink_tokens, parts, self.kl_gain, info, self.triattention)
+        out = Profile(self.layout, self.sink_tokens, parts, self.kl_gain, info, self.triattention, kl_check=self.kl_check)
         return Profile.from_bytes(out.to_bytes(), what="the rounded profile")
 
     def save(self, path: str | os.PathLike, compact: bool = False) -> None:
@@ -270,7 +280,8 @@ class Profile:
                 if float(err) > 1e-4:
                     raise ProfileError(f"{what}: {key} basis is not orthonormal (error {float(err):.2g})")
                 parts[(layer, kind)] = p
-        profile = cls(layout=layout, sink_tokens=sinks, parts=parts, kl_gain=gain, info=info, _bytes=bytes(data))
+        profile = cls(layout=layout, sink_tokens=sinks, parts=parts, kl_gain=gain, info=info, _bytes=bytes(data),
+                      kl_check=_read_kl_check(meta, what))
         has_tri = "triattention" in meta or any(name.startswith("triattention.") for name in tensors)
         if version == PROFILE_VERSION:
             if has_tri:
@@ -381,6 +392,16 @@ def _check_triattention(cal, layout: ModelLayout, what: str) -> None:
     if layout.has_rope and not torch.allclose(cal.inv_freq.double(), torch.as_tensor(layout.inv_freq_array()).double(),
                                               rtol=1e-6, atol=0):
         raise ProfileError(f"{what} has other RoPE frequencies than the profile's model")
+
+
+def _read_kl_check(meta: dict, what: str) -> KLPredictionCheck | None:
+    """The optional held-out check of the KL model (``kl_prediction_check``); None when the file has none."""
+    if "kl_prediction_check" not in meta:
+        return None
+    try:
+        return KLPredictionCheck.from_json(meta["kl_prediction_check"])
+    except ConfigError as exc:
+        raise ProfileError(f"{what}: {exc}") from None
 
 
 def _read_triattention(meta: dict, tensors: dict, layout: ModelLayout, what: str):
