@@ -7,7 +7,9 @@
 
 With ``--profile`` the stores use the calibrated codec (PrefixStore(profile=...)) with one fixed quantizer
 ``scale`` for every chunk of every session: ``--scale`` gives it, or ``--target-kl`` resolves it once by
-rate control on the first session's cache (seqkv.store.scale_for_kl; predicted KL).  The profile is a
+closed-loop rate control on the first ``--resolve-on`` sessions' caches (seqkv.store.scale_for_kl: the KL
+measured on each cache's own last tokens; the finest scale wins).  ``--profile shipped``: the profile seqkv
+ships for the embedded model.  The profile is a
 shared per-model file like the weights: its size is reported separately, not counted in the ratios.
 
 Workload (SmolLM2-135M-Instruct, its chat template, one torch thread):
@@ -61,6 +63,7 @@ from seqkv.model_calls import cache_of  # noqa: E402
 from seqkv.quality import clone_cache, compare_logits, continuation_logits  # noqa: E402
 from seqkv.profile import Profile  # noqa: E402
 from seqkv.store import PrefixStore, scale_for_kl  # noqa: E402
+from seqkv.shipped_profiles import shipped_profile  # noqa: E402
 from seqkv.token_coding import decode_tokens, encode_tokens  # noqa: E402
 from seqkv_ext.trie import TokenTrie  # noqa: E402
 
@@ -159,12 +162,15 @@ def main(argv=None) -> int:
     ap.add_argument("--step", type=float, default=None, help="quantizer step (the quality knob) on top of the preset")
     ap.add_argument("--pipeline-config", help="a JSON file with a full preset-style pipeline config; "
                                               "replaces --preset/--step")
-    ap.add_argument("--profile", help="a calibrated profile file (seqkv calibrate): the calibrated codec, "
-                                      "replaces --preset/--step")
+    ap.add_argument("--profile", help="a calibrated profile file (seqkv calibrate), or 'shipped' (the profile seqkv "
+                                      "ships for the embedded model): the calibrated codec, replaces --preset/--step")
     knob = ap.add_mutually_exclusive_group()
     knob.add_argument("--scale", type=float, help="with --profile: the fixed quantizer scale of every chunk")
-    knob.add_argument("--target-kl", type=float, help="with --profile: resolve the scale once, by rate control on the "
-                                                      "first session's cache, for this predicted KL")
+    knob.add_argument("--target-kl", type=float, help="with --profile: resolve the scale once, by closed-loop rate "
+                                                      "control on the first --resolve-on sessions' caches (the finest "
+                                                      "scale wins), for this KL")
+    ap.add_argument("--resolve-on", type=int, default=1, help="with --target-kl: how many sessions (from session 0) "
+                                                                "resolve the scale (default 1)")
     ap.add_argument("--chunk-tokens", type=int, default=128)
     ap.add_argument("--doc-tokens", type=int, default=900)
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "sessions"), help="writes OUT.md and OUT.json")
@@ -196,7 +202,7 @@ def main(argv=None) -> int:
             ap.error("--profile replaces --pipeline-config and --step")
         if args.scale is None and args.target_kl is None:
             ap.error("--profile needs --scale or --target-kl")
-        profile = Profile.load(args.profile)
+        profile = shipped_profile(model) if args.profile == "shipped" else Profile.load(args.profile)
         store_kw["profile"] = profile
         codec_desc = f"calibrated profile {os.path.basename(args.profile)} (sha256 {profile.hash[:16]}…)"
     elif args.pipeline_config:
@@ -220,11 +226,13 @@ def main(argv=None) -> int:
         if args.scale is not None:
             scale, scale_note = args.scale, f"scale {args.scale:g} (given)"
         else:
+            chosen = sessions[:max(1, args.resolve_on)]
             with torch.no_grad():
-                first = clone_cache(cache_of(model(torch.tensor([sessions[0]["ids"]]), use_cache=True)), torch.float16)
-            scale = scale_for_kl(first, profile, args.target_kl, model=model)
-            scale_note = (f"scale {scale:.6g}, resolved once by rate control for a predicted KL of {args.target_kl:g} on "
-                          "session 0's cache")
+                caches = [clone_cache(cache_of(model(torch.tensor([s["ids"]]), use_cache=True)), torch.float16)
+                          for s in chosen]
+            scale = scale_for_kl(caches, profile, args.target_kl, model=model, token_ids=[s["ids"] for s in chosen])
+            scale_note = (f"scale {scale:.6g}, resolved once by closed-loop rate control for a measured KL of "
+                          f"{args.target_kl:g} on the caches of sessions 0-{len(chosen) - 1} (the finest of their scales)")
         store_kw["codec_options"] = {"scale": scale}
         codec_desc += f", {scale_note}"
     if profile is not None:

@@ -32,12 +32,13 @@ _LAZY = {
     "PRESETS": "presets",
     "pruner": "pruning",
     "PrefixStore": "store",
+    "CalibrationWarning": "kl_prediction_check", "OpenLoopWarning": "kl_probe",
 }
 
 __all__ = [
     "encode", "decode", "inspect", "token_positions", "calibrate", "analyze", "Analysis", "Profile", "ProfileError",
     "ProfileMismatchError", "shipped_profile", "pruner", "PruneError", "AlreadyPrunedError", "PrefixStore",
-    "evaluate_text", "EvalRow", "QualityProbe", "QualityReport", "PRESETS", "ModelLayout", "layout_from_model",
+    "CalibrationWarning", "OpenLoopWarning", "evaluate_text", "EvalRow", "QualityProbe", "QualityReport", "PRESETS", "ModelLayout", "layout_from_model",
     "SeqKVError", "ConfigError", "EncodeError", "UnsupportedCacheError", "NonFiniteError", "DecodeError",
     "FormatError", "UnsupportedVersionError", "ChecksumError", "ModelMismatchError", "StorageError",
 ]

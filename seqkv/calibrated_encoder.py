@@ -12,11 +12,12 @@ import torch
 from .errors import ConfigError
 from .format.header import ProfileRef
 from .format.pipeline import KINDS, Pipeline, section_name
+from .format.reader import open_container
 from .layout import layout_for_cache
 from .presets import calibrated_pipeline_config
 from .profile import Profile
 from .progress import progress_bar
-from .rate_control import DEFAULT_TARGET_KL, scale_for_kl, scale_for_size
+from .rate_control import DEFAULT_TARGET_KL, scale_for_kl, scale_for_measured_kl, scale_for_size
 from .stages.base import CodingState, TensorContext
 
 
@@ -36,11 +37,13 @@ def calibrated_setup(profile, model, config, layers, kl_margin, options) -> tupl
 
 
 def calibrated_search(pipeline: Pipeline, profile, layout, layers, layer_positions, target, kl_margin, write, *,
-                      elements, progress=False) -> bytes:
+                      elements, progress=False, probe=None) -> bytes:
     """Transform every layer once, then pick the scale that meets ``target`` and return
     ``write(sections, profile_ref, rate_control)`` (``sections``: {name: bytes} of the keys and values).
     ``layer_positions[i]``: the positions of layer ``i``'s tokens (all the same unless the cache was pruned
-    layer by layer); ``elements``: what bits per element count."""
+    layer by layer); ``elements``: what bits per element count.  ``probe`` (a
+    :class:`seqkv.kl_probe.TailProbe`): a ``target_kl`` is then met as measured on the probe (closed loop),
+    the profile's prediction only starting the search."""
     sinks = pipeline.sink_tokens
     state = CodingState(profile=profile)
     transformed = {}
@@ -55,21 +58,33 @@ def calibrated_search(pipeline: Pipeline, profile, layout, layers, layer_positio
                                           for (i, kind) in transformed}
     rounding = pipeline.quantizer.rounding
 
-    def container_at(scale: float) -> bytes:
-        state.scale, state.chain, state.weighted_mse = scale, {}, {}
-        sections = {}
-        for (i, kind), (x, y) in transformed.items():
-            ctx = TensorContext(layer=i, kind=kind, positions=layer_positions[i], layout=layout, state=state)
-            sections[section_name(i, kind)] = pipeline.code(x, y, ctx)
-        rate_control = {"target": target.to_json(), "scale": float(np.float32(scale)), "kl_margin": kl_margin,
-                        "predicted_kl": profile.predicted_kl(state.weighted_mse)}
+    coded = {}   # scale -> (sections, rate control record): the closed loop writes its last try again
+
+    def container_at(scale: float, measured: dict | None = None) -> bytes:
+        if scale not in coded:
+            state.scale, state.chain, state.weighted_mse = scale, {}, {}
+            sections = {}
+            for (i, kind), (x, y) in transformed.items():
+                ctx = TensorContext(layer=i, kind=kind, positions=layer_positions[i], layout=layout, state=state)
+                sections[section_name(i, kind)] = pipeline.code(x, y, ctx)
+            coded[scale] = sections, {"target": target.to_json(), "scale": float(np.float32(scale)),
+                                      "kl_margin": kl_margin, "predicted_kl": profile.predicted_kl(state.weighted_mse)}
+        sections, rate_control = coded[scale]
         ref = profile.ref()
-        return write(sections, ProfileRef(ref["sha256"], ref["bytes"]), rate_control)
+        return write(sections, ProfileRef(ref["sha256"], ref["bytes"]), {**rate_control, **(measured or {})})
+
+    def measured_kl(scale: float) -> float:
+        reader = open_container(container_at(scale))
+        reader.use_profile(profile)
+        return probe.mean_kl([reader.layer(i) for i in range(reader.header.layers)])
 
     if target.kind == "scale":
         return container_at(target.value)
     kl_scale = scale_for_kl(profile, bodies, target.value if target.kind == "kl" else DEFAULT_TARGET_KL,
                             rounding, kl_margin, cross_layer=pipeline.cross_layer, positions=body_positions)
+    if target.kind == "kl" and probe is not None:
+        scale, kl, count = scale_for_measured_kl(measured_kl, target.value * kl_margin, kl_scale)
+        return container_at(scale, {"measured_kl": kl, "probe_tokens": probe.length, "measurements": count})
     if target.kind == "kl":
         return container_at(kl_scale)
     goal = target.value if target.kind == "max_bytes" else target.value * elements / 8

@@ -8,7 +8,9 @@ from .calibrated_encoder import calibrated_search, calibrated_setup
 from .errors import ConfigError
 from .format import DEFAULT_MAX_DECODED_BYTES, Header, Pipeline, PositionsInfo, open_container, write_container
 from .format.pipeline import KINDS, le_bytes, section_name
+from .kl_probe import loop_probe
 from .hf_adapter import SUPPORTED_DTYPES, build_cache, cache_layers, checked_device
+from .kl_prediction_check import rate_control_report
 from .layout import layout_for_cache, layout_from_model
 from .positions import positions_of
 from .presets import CALIBRATED_PRESET, pipeline_config
@@ -25,7 +27,8 @@ NO_DECODE_CAP = 1 << 62   # inspect() and token_positions() decode no tensor
 def encode(cache, *, preset: str | None = None, model=None, config=None, positions=None,
            prune=None, progress: bool = False, profile=None, target_kl: float | None = None,
            bits_per_element: float | None = None, max_bytes: int | None = None,
-           kl_margin: float = DEFAULT_KL_MARGIN, **options) -> bytes:
+           kl_margin: float = DEFAULT_KL_MARGIN, closed_loop: bool | None = None, token_ids=None,
+           **options) -> bytes:
     """Encode a transformers ``DynamicCache`` into a self-describing seqkv container.
 
     Without a profile, ``preset`` is one of "lossless", "near_lossless", "balanced"
@@ -48,6 +51,13 @@ def encode(cache, *, preset: str | None = None, model=None, config=None, positio
     must keep the same positions (``level="layer"`` or ``"chunk"``: the profile's KLT mixes the heads),
     and ``target_kl`` is the predicted KL of the quantization alone, the pruning's own KL comes on top.
 
+    ``closed_loop`` (calibrated ``target_kl`` only): with ``model=`` a model that can run, the target is
+    *measured*, not predicted: the cache's own last tokens (up to 256) are held out as a teacher-forced probe,
+    and the scale is searched until their mean KL is at most ``target_kl * kl_margin`` (docs/rate_control.md);
+    the header's ``rate_control.measured_kl`` records it.  ``None`` (default): closed when possible, else the
+    profile's prediction (a warning says why, when a model was given); ``True``: closed or ConfigError;
+    ``False``: the prediction alone (faster, nothing measured).  ``token_ids``: the cache's token ids (one per
+    cached token); without them they are recovered from layer 0's keys, which identify the tokens.
     """
     if preset is not None and not isinstance(preset, str):
         raise ConfigError(f"preset must be a string, got {type(preset).__name__}")
@@ -65,6 +75,9 @@ def encode(cache, *, preset: str | None = None, model=None, config=None, positio
         raise ConfigError(f"prune must be a pruner (seqkv.pruner(name, ...) or a seqkv.pruning policy), "
                           f"got {type(prune).__name__}")
     if prune is not None or getattr(cache, "seqkv_pruned", None) is not None:
+        if closed_loop:
+            raise ConfigError("closed_loop=True is not available for pruned caches: their target_kl is the "
+                              "quantization's predicted KL (the pruning's own KL comes on top)")
         if calibrated:
             return encode_pruned(cache, prune, preset=CALIBRATED_PRESET, model=model, config=config,
                                  positions=positions, progress=progress, profile=profile, kl_margin=kl_margin,
@@ -76,13 +89,14 @@ def encode(cache, *, preset: str | None = None, model=None, config=None, positio
     pos = positions_of(positions, layers[0][0].shape[1])
     if calibrated:
         pipeline, layout = calibrated_setup(profile, model, config, layers, kl_margin, options)
+        probe = loop_probe(closed_loop, target, model, layers, pos, layout, token_ids)
 
         def write(sections, profile_ref, rate_control):
             return _write(sections, pipeline, layout, layers, dtype_name, pos,
                           profile=profile_ref, rate_control=rate_control)
 
         return calibrated_search(pipeline, profile, layout, layers, [pos] * len(layers), target, kl_margin, write,
-                                 elements=len(layers) * 2 * layers[0][0].numel(), progress=progress)
+                                 elements=len(layers) * 2 * layers[0][0].numel(), progress=progress, probe=probe)
     preset = "balanced" if preset is None else preset
     pipeline = Pipeline(pipeline_config(preset, **options))
     layout = layout_for_cache(model, config, layers, pipeline.lossless)
@@ -145,10 +159,21 @@ def token_positions(data) -> torch.Tensor:
     return reader.positions.clone()
 
 
-def inspect(data) -> dict:
-    """Header facts, sizes, ratio vs fp16 and bits/element, without decoding any tensor."""
+def inspect(data, *, profile=None) -> dict:
+    """Header facts, sizes, ratio vs fp16 and bits/element, without decoding any tensor.
+
+    A calibrated container's ``rate_control`` also gives the predicted KL's error bar, ``predicted_kl_range``,
+    from the held-out check its profile records (``profile=``, or the one seqkv ships; see
+    :mod:`seqkv.kl_prediction_check`), and ``predicted_kl_note`` says where it came from or why there is none."""
     reader = open_container(data, max_decoded_bytes=NO_DECODE_CAP)
     h = reader.header
+    if h.profile is not None:
+        if profile is not None:
+            if not callable(getattr(profile, "check_ref", None)):
+                raise ConfigError(f"profile must be a seqkv.Profile, got {type(profile).__name__}")
+            profile.check_ref(h.profile.to_json())
+        else:
+            profile = profile_for_ref(h.profile)   # the shipped profile it names, or None
     # a pruned container is measured against the cache it came from (every source token in fp16)
     tokens = h.pruning.source_tokens if h.pruning is not None else h.tokens
     elements = h.layers * 2 * h.kv_heads * h.head_dim * tokens
@@ -177,7 +202,7 @@ def inspect(data) -> dict:
         "bits_per_element": 8 * reader.total_bytes / elements,
         "section_bytes": sizes,
         "profile": None if h.profile is None else h.profile.to_json(),
-        "rate_control": h.rate_control,
+        "rate_control": rate_control_report(h.rate_control, h.profile.sha256, profile) if h.profile else h.rate_control,
         "keys_bytes": sum(v for k, v in sizes.items() if k.endswith(".keys")),
         "values_bytes": sum(v for k, v in sizes.items() if k.endswith(".values")),
     }

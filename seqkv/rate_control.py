@@ -12,6 +12,10 @@ Targets (exactly one):
 
 Steps within the scale follow the profile (equal weighted-distortion slope), so
 one number sets every layer's and component's step.
+
+Closed loop (:func:`scale_for_measured_kl`): with the model at hand, the KL is measured, not predicted:
+``measure(scale)`` encodes, decodes and runs :class:`seqkv.kl_probe.TailProbe`; the prediction is only the
+search's starting point.  The result is the largest scale tried whose measured KL is at most the goal.
 """
 from __future__ import annotations
 
@@ -35,6 +39,10 @@ KL_TOLERANCE = 0.01         # target_kl: the predicted KL lands within 1 % below
 BYTES_SEARCH_STEPS = 12
 BPE_TOLERANCE = 0.01        # bits_per_element: within 1 %
 MAX_BYTES_SLACK = 0.03      # max_bytes: at most 3 % under the budget when the search converges
+LOOP_ACCEPT = 0.8           # closed loop: stop once a measured KL lands in [0.8 * goal, goal]
+LOOP_MAX_STEPS = 4          # ... or after this many measurements, if one of them is at most the goal
+LOOP_SLOPE = 2.0            # d log KL / d log scale before two measurements give one (KL ~ step^2)
+LOOP_MAX_FACTOR = 4.0       # the scale changes by at most this factor per measurement
 
 
 @dataclass(frozen=True)
@@ -221,3 +229,44 @@ def scale_for_size(encode_at, goal_bytes: float, start_scale: float, exact_cap: 
         return math.exp(x), blob
     x, blob = min(tried.items(), key=lambda xb: abs(len(xb[1]) - goal_bytes))
     return math.exp(x), blob
+
+
+def scale_for_measured_kl(measure, goal: float, start_scale: float):
+    """The largest scale whose measured KL is at most ``goal``: ``(scale, kl, measurements)``.
+
+    ``measure(scale) -> KL``.  Steps on log KL vs log scale (slope from the last two measurements, else
+    :data:`LOOP_SLOPE`), aiming inside ``[LOOP_ACCEPT * goal, goal]``; stops there, or after
+    :data:`LOOP_MAX_STEPS` once a measurement fits; never returns a scale whose measured KL exceeds the goal
+    (EncodeError if even the finest scale does)."""
+    lo_limit, hi_limit = math.log(MIN_SCALE), math.log(MAX_SCALE)
+    aim = math.log(goal * (1 + LOOP_ACCEPT) / 2)
+    tried: dict[float, float] = {}   # log scale -> log KL
+    measured: dict[float, float] = {}   # log scale -> KL (compared with the goal as measured, not as its log)
+    x = min(max(math.log(start_scale), lo_limit), hi_limit)
+    while True:
+        kl = measured[x] = measure(math.exp(x))
+        tried[x] = math.log(max(kl, 1e-300))
+        fits = [t for t, v in measured.items() if v <= goal]
+        best = max(fits) if fits else None
+        if best is not None and (measured[best] >= LOOP_ACCEPT * goal or len(tried) >= LOOP_MAX_STEPS
+                                 or best >= hi_limit):
+            return math.exp(best), measured[best], len(tried)
+        if best is None and x <= lo_limit:
+            raise EncodeError(f"target_kl={goal:g} is below what the finest quantizer step reaches "
+                              f"(measured KL {kl:.3g} at scale {MIN_SCALE})")
+        # the slope of the two closest tries around x, where they disagree, else KL ~ scale^2
+        near = sorted(tried, key=lambda t: abs(t - x))[:2]
+        slope = LOOP_SLOPE
+        if len(near) == 2 and near[0] != near[1]:
+            fitted = (tried[near[0]] - tried[near[1]]) / (near[0] - near[1])
+            slope = min(max(fitted, 0.5), 4.0)
+        # at most a factor LOOP_MAX_FACTOR per step: one probe's KL is a noisy sample, not a law
+        nxt = x + max(-math.log(LOOP_MAX_FACTOR), min(math.log(LOOP_MAX_FACTOR), (aim - tried[x]) / slope))
+        # stay inside the bracket of what was tried: above every scale that fit, below every one that did not
+        too_big = [t for t, v in measured.items() if v > goal]
+        lower, upper = (best if best is not None else lo_limit), (min(too_big) if too_big else hi_limit)
+        if not lower < nxt < upper or nxt in tried:
+            nxt = (lower + upper) / 2 if best is not None and too_big else min(max(nxt, lo_limit), hi_limit)
+        if nxt in tried or (best is None and len(tried) >= LOOP_MAX_STEPS):
+            nxt = max(lo_limit, min(nxt, x - 0.35))   # past the step budget with nothing fitting: ~halve the KL each try
+        x = nxt

@@ -228,6 +228,7 @@ def _fresh_cases():
                                         "quantizer": "lloydmax", "bits": 3})
     yield "calibrated_scale", dict(profile=True, dtype=torch.float16, kw={"scale": 0.05})
     yield "calibrated_kl", dict(profile=True, kw={"target_kl": 0.02})
+    yield "calibrated_kl_measured", dict(profile=True, tokens=96, kw={"target_kl": 0.02, "closed_loop": True})
     yield "calibrated_plain", dict(profile=True, kw={"scale": 0.05, "predict": False, "cross_layer": False})
     yield "pruned_ragged_lossless", dict(dtype=torch.float16, kw={"preset": "lossless"},
                                          prune={"name": "key_norm", "ratio": 0.5, "head_budget": "adaptive"})
@@ -241,7 +242,8 @@ FRESH = dict(_fresh_cases())
 
 
 def _encode_case(case):
-    model, cache = tiny_cache(case.get("family", "llama"), tokens=24, dtype=case.get("dtype", torch.float32), seed=3)
+    model, cache = tiny_cache(case.get("family", "llama"), tokens=case.get("tokens", 24),
+                              dtype=case.get("dtype", torch.float32), seed=3)
     prune = dict(case.get("prune") or {})
     pruner = seqkv.pruner(prune.pop("name"), **prune) if prune else None
     profile = tiny_profile(case.get("family", "llama")) if case.get("profile") else None
@@ -254,6 +256,7 @@ def test_fresh_headers_follow_the_spec_and_the_schema(name):
     minor, flags, header, _ = check_container(blob)
     assert bool(flags & FLAG_PRUNED) == ("prune" in FRESH[name])
     assert ("profile" in header) == bool(FRESH[name].get("profile"))
+    assert ("measured_kl" in header.get("rate_control", {})) == bool(FRESH[name]["kw"].get("closed_loop"))
     for what, bad in _mutations(header):
         assert not CONTAINER_VALIDATOR.is_valid(bad), what
 

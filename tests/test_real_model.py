@@ -84,7 +84,7 @@ def small_profile(model_and_tokenizer):
 
 
 def test_calibrated_codec_on_held_out_text(model_and_tokenizer, small_profile):
-    """Calibrated on argparse.py, judged on inspect.py: rate control keeps the true KL near or under the
+    """Calibrated on argparse.py, judged on inspect.py: closed-loop rate control keeps the true KL near or under the
     target (stated tolerance: within [0.1, 1.5] x target for this small profile), the ratio beats the
     balanced preset's at a lower KL, and the profile is required and checked."""
     model, tok = model_and_tokenizer
@@ -92,7 +92,9 @@ def test_calibrated_codec_on_held_out_text(model_and_tokenizer, small_profile):
     blob = seqkv.encode(probe.cache, profile=small_profile, model=model, target_kl=0.01)
     info = seqkv.inspect(blob)
     report = probe.score(seqkv.decode(blob, profile=small_profile, model=model))
-    assert info["rate_control"]["predicted_kl"] == pytest.approx(0.01, rel=0.15)
+    # closed loop (the default with a model): the KL measured on the cache's own last tokens is within the target
+    assert 0.8 * 0.01 <= info["rate_control"]["measured_kl"] <= 0.01 or info["rate_control"]["measurements"] == 4
+    assert info["rate_control"]["measured_kl"] <= 0.01
     assert 0.001 <= report.mean_kl <= 0.015
     balanced = seqkv.encode(probe.cache, preset="balanced", model=model)
     assert info["ratio_vs_fp16"] > 1.2 * seqkv.inspect(balanced)["ratio_vs_fp16"]
