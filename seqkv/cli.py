@@ -150,6 +150,10 @@ def _encode_options(args) -> dict:
     """encode() keywords from --preset/--step or --profile with one rate target."""
     targets = {k: v for k, v in [("target_kl", args.target_kl), ("bits_per_element", args.bits_per_element),
                                  ("max_bytes", args.max_bytes)] if v is not None}
+    if getattr(args, "open_loop", False):
+        if args.target_kl is None and (args.profile is None or targets):
+            raise SeqKVError("--open-loop is for --target-kl (a rate or byte target is met exactly either way)")
+        targets["closed_loop"] = False
     if args.profile is None:
         if targets:   # the calibrated codec with the profile seqkv ships for the model
             if args.preset is not None or args.step is not None:
@@ -196,8 +200,10 @@ def _add_encode_options(parser) -> None:
     parser.add_argument("--step", type=float, help="quality knob: quantizer step relative to RMS (lossy presets)")
     parser.add_argument("--profile", help="a calibrated model profile (seqkv calibrate): the calibrated codec "
                                           "(without it, a rate target below uses the profile shipped for the model)")
-    parser.add_argument("--target-kl", type=float, help="the calibrated codec: predicted mean KL to meet (default "
-                                                        "0.01 with --profile)")
+    parser.add_argument("--target-kl", type=float, help="the calibrated codec: mean KL to meet, measured on the "
+                                                        "cache's own last tokens (default 0.01 with --profile)")
+    parser.add_argument("--open-loop", action="store_true", help="with --target-kl: the profile's predicted KL only "
+                                                                 "(faster; nothing measured, docs/rate_control.md)")
     parser.add_argument("--bits-per-element", type=float, help="the calibrated codec: the rate to meet instead")
     parser.add_argument("--max-bytes", type=int, help="the calibrated codec: a byte budget the container never exceeds")
 
@@ -264,7 +270,7 @@ def _save_cache(cache, path: str, start: int, next_position: int, fingerprint: s
 def cmd_inspect(args) -> int:
     from . import codec
 
-    info = codec.inspect(_read_bytes(args.input))
+    info = codec.inspect(_read_bytes(args.input), profile=_load_profile(args.profile))
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -278,6 +284,14 @@ def cmd_inspect(args) -> int:
     print(f"  size            {info['total_bytes']} bytes (header {info['header_bytes']}), keys {info['keys_bytes']}, "
           f"values {info['values_bytes']}")
     print(f"  ratio vs fp16   {info['ratio_vs_fp16']:.3f}x   bits/element {info['bits_per_element']:.4f}")
+    rc = info["rate_control"] or {}
+    if "predicted_kl" in rc:   # calibrated: the KL its profile predicts, with the error bar the profile records
+        span = rc.get("predicted_kl_range")
+        print(f"  predicted KL    {rc['predicted_kl']:.4g}" + (f" (held-out range {span[0]:.4g} to {span[1]:.4g})"
+                                                              if span else "") + f"; {rc['predicted_kl_note']}")
+    if "measured_kl" in rc:    # closed-loop rate control: what the encoder measured on the cache's own last tokens
+        print(f"  measured KL     {rc['measured_kl']:.4g} on the cache's last {rc['probe_tokens']} tokens "
+              f"({rc['measurements']} scales tried; docs/rate_control.md)")
     if args.sections:
         for name, size in info["section_bytes"].items():
             print(f"    {name:24s} {size}")
@@ -306,6 +320,12 @@ def cmd_calibrate(args) -> int:
     print(f"wrote {args.output}: {profile.nbytes} bytes, sha256 {profile.hash} (codec part {profile.codec_hash}), "
           f"kl_gain {profile.kl_gain:.3f} (samples {profile.info.get('kl_gain_samples')}), "
           f"TriAttention {'yes' if profile.triattention is not None else 'no'}, {time.perf_counter() - t0:.0f} s")
+    check = profile.kl_check
+    print("held-out KL check: none (one text)" if check is None else
+          f"held-out KL check ({check.method}, {check.texts} texts): measured / predicted KL "
+          f"{check.low:.3f} to {check.high:.3f}, per target " + ", ".join(
+              f"{row['target_kl']:g}: {row['min']:.3f}-{row['max']:.3f} (geomean {row['geomean']:.3f})"
+              for row in check.per_target()))
     return 0
 
 
@@ -371,7 +391,8 @@ def cmd_eval(args) -> int:
     for path in texts:
         rows = evaluate_text(model, tokenizer, _read_text(path), presets=args.presets, prompt_len=args.prompt_len,
                              continuation_len=args.continuation_len, cache_dtype=args.cache_dtype,
-                             configs=configs, repeat=args.repeat, progress=True, profile=profile)
+                             configs=configs, repeat=args.repeat, progress=True, profile=profile,
+                             passkey=args.passkey, copy=args.copy)
         title = f"{os.path.basename(path or DEFAULT_TEXT)} (P={args.prompt_len}, C={args.continuation_len}, {args.cache_dtype} cache)"
         table = format_table(rows, title)
         print(table + "\n", flush=True)
@@ -400,6 +421,10 @@ def cmd_eval(args) -> int:
             "encode or decode (one run each, on a shared 2-core machine: see `bench/` for repeated, one-thread "
             "timings). The baselines compress the same stored bytes in the same run.\n\n"
         )
+        if args.passkey or args.copy:
+            preamble += ("Passkey (found/10, asked after the decoded cache) and copy probe (KL and top-1 on a passage "
+                         "of the prefix repeated after it): docs/retrieval.md; the zstd baselines decode to the "
+                         "uncompressed cache, so they show its result.\n\n")
         with open(args.markdown, "w") as f:
             f.write(preamble + "\n\n".join(report) + "\n")
     return 0
@@ -584,6 +609,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("input")
     i.add_argument("--json", action="store_true")
     i.add_argument("--sections", action="store_true", help="list every section's size")
+    i.add_argument("--profile", help="a calibrated container's profile, for the predicted KL's error bar "
+                   "(default: the one seqkv ships, when the container names it)")
     i.set_defaults(func=cmd_inspect)
 
     v = sub.add_parser("eval", help="ratio, KL, top-1, perplexity ratio and MB/s on real text, with baselines")
@@ -597,6 +624,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--repeat", type=int, default=1, help="timing repeats (best is kept)")
     v.add_argument("--profile", help="a calibrated profile: --config rows without a preset use it "
                    "(e.g. t01='{\"target_kl\": 0.01}'; default: the profile shipped for the embedded model)")
+    v.add_argument("--passkey", action="store_true",
+                   help="add passkey retrieval: 10 needles in ~1600 tokens of the text, asked after the decoded cache "
+                   "(docs/retrieval.md)")
+    v.add_argument("--copy", action="store_true",
+                   help="add the copy probe: KL and top-1 on a passage of the prefix repeated after the decoded cache")
     v.add_argument("--json", help="also write the rows as JSON here")
     v.add_argument("--markdown", help="also write the tables as markdown here")
     v.set_defaults(func=cmd_eval)
@@ -625,6 +657,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_calibrate)
 
     _add_store_parser(sub)
+    from .integrations import lmcache_server   # LMCache itself is imported only when the command runs
+    lmcache_server.add_parser(sub)
     return p
 
 
