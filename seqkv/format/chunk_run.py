@@ -25,11 +25,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..errors import ConfigError, FormatError, SeqKVError
-from ..hf_adapter import DTYPES_BY_NAME
+from ..errors import ConfigError
 from ..stages.base import CodingState, TensorContext
-from .pipeline import KINDS, Pipeline, section_name
-from .reader import DECODE_FAILURES, ContainerReader
+from .pipeline import KINDS, Pipeline
+from .reader import ContainerReader
 from .residual import decode_residual_parts
 
 
@@ -58,37 +57,21 @@ def decode_sections(reader: ContainerReader, base=None) -> ChunkSections:
     """Step 1 for one store chunk.  ``base``: (layers, positions) of the base entry when the chunk has
     residual sections.  The reader's coding state keeps the last layer's reconstruction, as the encoder's."""
     h = reader.header
-    if not h.is_store_chunk:
-        raise ConfigError("decode_sections() reads store chunks; read a cache container with layer(i)")
-    if h.profile is not None and reader.state.profile is None:
-        reader.use_profile(None)  # raises the clear ProfileMismatchError
-    if h.chunk.base is not None:
-        if base is None:
-            raise FormatError("this chunk is a residual and needs its base")
-        base_layers, base_pos = base
-        if len(base_layers) != h.layers or tuple(base_layers[0][0].shape) != (h.kv_heads, h.tokens, h.head_dim) \
-                or base_layers[0][0].dtype != DTYPES_BY_NAME[h.dtype]:
-            raise FormatError("the base chunk does not match this chunk's shape or dtype")
+    base_layers, base_pos = reader.start_chunk(base, "decode_sections()")
     pipeline, state = reader.pipeline, reader.state
-    state.chain = {}
     shape = (h.kv_heads, h.tokens, h.head_dim)
     tensors = []
     for i in range(h.layers):
         pair = []
         for j, kind in enumerate(KINDS):
             ctx = TensorContext(layer=i, kind=kind, positions=reader.positions, layout=h.layout, state=state)
-            name = section_name(i, kind)
-            try:
-                payload = reader.section(name)
-                if h.chunk.modes[2 * i + j] == "p":
-                    pair.append(plain_parts(pipeline, payload, ctx, h.dtype, shape))
-                else:
-                    pair.append(decode_residual_parts(pipeline, payload, base_layers[i][j], ctx, base_pos, h.dtype,
-                                                      shape))
-            except SeqKVError:
-                raise
-            except DECODE_FAILURES as exc:
-                raise FormatError(f"{name}: cannot decode: {exc}") from None
+            if h.chunk.modes[2 * i + j] == "p":
+                def decode(payload, ctx=ctx):
+                    return plain_parts(pipeline, payload, ctx, h.dtype, shape)
+            else:
+                def decode(payload, ctx=ctx, i=i, j=j):
+                    return decode_residual_parts(pipeline, payload, base_layers[i][j], ctx, base_pos, h.dtype, shape)
+            pair.append(reader.decode_section(i, kind, decode))
         tensors.append(pair)
     return ChunkSections(pipeline, h.layout, state, h.dtype, (h.layers, *shape), reader.positions, tensors)
 

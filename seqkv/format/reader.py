@@ -145,7 +145,9 @@ class ContainerReader:
     def _ctx(self, i: int, kind: str, positions) -> TensorContext:
         return TensorContext(layer=i, kind=kind, positions=positions, layout=self.header.layout, state=self.state)
 
-    def _decode_section(self, i: int, kind: str, decode):
+    def decode_section(self, i: int, kind: str, decode):
+        """``decode(the section's bytes)`` for layer ``i``'s ``kind``; a failure other than a SeqKVError becomes a
+        FormatError naming the section (hostile bytes are the container's problem, never another exception)."""
         try:
             return decode(self.section(section_name(i, kind)))
         except SeqKVError:
@@ -185,7 +187,7 @@ class ContainerReader:
     def _layer(self, i: int, symbols_out: dict | None = None):
         h = self.header
         shape = (h.kv_heads, h.tokens, h.head_dim)
-        return tuple(self._decode_section(i, kind, lambda payload, kind=kind: self.pipeline.decode_tensor(
+        return tuple(self.decode_section(i, kind, lambda payload, kind=kind: self.pipeline.decode_tensor(
             payload, self._ctx(i, kind, self.positions), h.dtype, shape, symbols_out)) for kind in KINDS)
 
     def section_symbols(self, i: int, kind: str) -> SectionSymbols:
@@ -215,22 +217,24 @@ class ContainerReader:
         tensors = []
         for kind in KINDS:
             if shared:
-                x = self._decode_section(i, kind, lambda payload, kind=kind: self.pipeline.decode_tensor(
+                x = self.decode_section(i, kind, lambda payload, kind=kind: self.pipeline.decode_tensor(
                     payload, self._ctx(i, kind, lists[0]), h.dtype, (h.kv_heads, len(lists[0]), h.head_dim)))
                 tensors.append(list(x))
             else:
-                tensors.append(self._decode_section(i, kind, lambda payload, kind=kind: decode_per_head(
+                tensors.append(self.decode_section(i, kind, lambda payload, kind=kind: decode_per_head(
                     self.pipeline, payload, lists, i, kind, h.layout, h.dtype, h.head_dim)))
         return list(zip(tensors[0], tensors[1])), lists
 
-    def chunk_layers(self, base=None) -> list:
-        """A store chunk's layers [(K, V)] of [H, T, D]; ``base``: (layers, positions) of the base entry when
-        the chunk has residual sections."""
+    def start_chunk(self, base, what: str) -> tuple:
+        """Before decoding a store chunk's sections (here or in :mod:`seqkv.format.chunk_run`): the chunk, its
+        profile and its ``base`` ((layers, positions) of the base entry, for residual sections) are checked and
+        the cross-layer chain is reset.  Returns ``(base_layers, base_positions)``, ``(None, None)`` without base."""
         h = self.header
         if not h.is_store_chunk:
-            raise ConfigError("chunk_layers() reads store chunks; read a cache container with layer(i)")
+            raise ConfigError(f"{what} reads store chunks; read a cache container with layer(i)")
         if h.profile is not None and self.state.profile is None:
             self.use_profile(None)  # raises the clear ProfileMismatchError
+        base_layers = base_pos = None
         if h.chunk.base is not None:
             if base is None:
                 raise FormatError("this chunk is a residual and needs its base")
@@ -239,6 +243,13 @@ class ContainerReader:
                     or base_layers[0][0].dtype != getattr(torch, h.dtype):
                 raise FormatError("the base chunk does not match this chunk's shape or dtype")
         self.state.chain = {}
+        return base_layers, base_pos
+
+    def chunk_layers(self, base=None) -> list:
+        """A store chunk's layers [(K, V)] of [H, T, D]; ``base``: (layers, positions) of the base entry when
+        the chunk has residual sections."""
+        h = self.header
+        base_layers, base_pos = self.start_chunk(base, "chunk_layers()")
         shape = (h.kv_heads, h.tokens, h.head_dim)
         out = []
         for i in range(h.layers):
@@ -251,7 +262,7 @@ class ContainerReader:
                 else:
                     def decode(payload, ctx=ctx, j=j, i=i):
                         return decode_residual(self.pipeline, payload, base_layers[i][j], ctx, base_pos, h.dtype, shape)
-                pair.append(self._decode_section(i, kind, decode))
+                pair.append(self.decode_section(i, kind, decode))
             out.append(tuple(pair))
         return out
 
