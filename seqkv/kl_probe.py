@@ -13,6 +13,7 @@ model, or an architecture that computes layer-0 keys differently, fails that che
 """
 from __future__ import annotations
 
+import warnings
 import weakref
 
 import torch
@@ -160,8 +161,6 @@ def loop_probe(closed_loop, target, model, layers, positions: torch.Tensor, layo
     if probe is None and closed_loop:
         raise ConfigError(f"closed_loop=True, but no probe can be run: {why}")
     if probe is None and isinstance(model, torch.nn.Module):
-        import warnings
-
         hint = "pass token_ids=, or closed_loop=False to silence this" if "token ids" in why else \
             "closed_loop=False silences this"
         warnings.warn(f"target_kl={target.value:g} is the profile's prediction, not measured: {why} ({hint})",
