@@ -4,6 +4,9 @@
   static integer-frequency tables;
 * :mod:`seqkv_ext.ans_encode` - the matching encoder (word for word equal to constriction);
 * :mod:`seqkv_ext.ans_tables` - the frequency-table checks both share (``ans_tables.pxd``);
+* :mod:`seqkv_ext.context_sections` - a ``context_ans`` section's coder part (channel offsets,
+  classes and every class stream) decoded in one call, streams two at a time (``ans.pxd``: the
+  decoder's tables and step, shared with :mod:`seqkv_ext.ans`);
 * :mod:`seqkv_ext.crc32c` - CRC-32C (Castagnoli), slicing-by-8;
 * :mod:`seqkv_ext.bitpack` - dense LSB-first packing of the low bits of integers;
 * :mod:`seqkv_ext.trie` - ``TokenTrie``, a compact counting token trie with a

@@ -69,15 +69,7 @@ cdef double _BOUNDARY_LIMIT = 0.25
 cdef Py_ssize_t _FINE_FROM = 1 << 15
 
 
-cdef struct Tables:
-    uint32_t* freqs         # K entries, table domain (a private copy)
-    uint32_t* cdf           # K + 1 entries, table domain
-    uint16_t* fsym          # 2**table_bits entries: slot -> symbol
-    uint32_t* fent          # 2**table_bits entries: freq | cdf << 16 of the slot's symbol
-    uint16_t* cf            # 2**coarse_bits entries: freq of a block's symbol, 0 at boundaries
-    uint16_t* cr            # 2**coarse_bits entries: slot offset of a block inside its symbol
-    uint16_t* csym          # 2**coarse_bits entries: symbol of a block
-    Py_ssize_t k
+# Tables and Cursor are declared in ans.pxd (context_sections.pyx uses them too).
 
 
 cdef bint _build_cdf(Tables* t, int table_bits) noexcept nogil:
@@ -158,38 +150,17 @@ ctypedef uint64_t (*loop_fn)(const Tables*, const uint32_t*, Py_ssize_t*, uint64
 cdef uint64_t _loop_coarse(const Tables* t, const uint32_t* words, Py_ssize_t* pos_io,
                            uint64_t state, int32_t* out, Py_ssize_t count,
                            int shift, int cshift) noexcept nogil:
-    cdef Py_ssize_t i, pos = pos_io[0]
-    cdef uint64_t q, f, s, hi, bias, st1, nxt, limit
+    cdef Py_ssize_t i
     cdef uint64_t cmask = (<uint64_t>1 << (_PRECISION - cshift)) - 1
     cdef uint64_t lowmask = (<uint64_t>1 << cshift) - 1
-    cdef uint64_t b = (state >> cshift) & cmask
+    cdef Cursor c
+    c.pos = pos_io[0]
+    c.state = state
+    c.block = (state >> cshift) & cmask
     for i in range(count):
-        hi = (state >> 24) << shift
-        f = t.cf[b]
-        if f != 0:
-            s = t.csym[b]
-            # q - (cdf << shift), with q = b << cshift | (state & lowmask)
-            bias = (state & lowmask) + (<uint64_t>t.cr[b] << shift)
-        else:  # a block holding a symbol boundary: scan from its first symbol
-            q = state & 0xFFFFFF
-            s = t.csym[b]
-            while t.cdf[s + 1] <= (q >> shift):  # stops at s < k: cdf[k] = 2**table_bits
-                s += 1
-            f = t.freqs[s]
-            bias = q - (<uint64_t>t.cdf[s] << shift)
-        limit = (<uint64_t>1 << 32) if pos > 0 else 0
-        nxt = words[pos - 1 if pos > 0 else 0]
-        st1 = hi * f + bias
-        out[i] = <int32_t>s
-        if st1 < limit:
-            pos -= 1
-            state = (st1 << 32) | nxt
-            b = (nxt >> cshift) & cmask
-        else:
-            state = st1
-            b = (st1 >> cshift) & cmask
-    pos_io[0] = pos
-    return state
+        out[i] = <int32_t>coarse_step(t, words, &c, shift, cshift, cmask, lowmask)
+    pos_io[0] = c.pos
+    return c.state
 
 
 cdef uint64_t _loop_fine(const Tables* t, const uint32_t* words, Py_ssize_t* pos_io,

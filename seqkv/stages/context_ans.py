@@ -27,6 +27,10 @@ try:  # the encoder's per-channel pass; numpy below is the reference and the fal
     from seqkv_ext import channels as _ext_channels
 except ImportError:  # pragma: no cover - the extension is built by `pip install`
     _ext_channels = None
+try:  # a section decoded in one call; decode_section below is the reference and the fallback
+    from seqkv_ext import context_sections as _ext_sections
+except ImportError:  # pragma: no cover
+    _ext_sections = None
 
 MAX_CLASSES = 64
 
@@ -91,41 +95,55 @@ class ContextANS(SymbolCoder):
 
     def decode(self, reader: Reader, shape: tuple[int, int, int]) -> np.ndarray:
         heads, tokens, dim = shape
-        offsets = reader.svarint_array(heads * dim)
-        if offsets.size and np.abs(offsets).max() > 1 << 31:
-            raise FormatError(f"{reader.what}: channel offset out of range")
-        classes = np.frombuffer(reader.bytes(heads * dim), dtype=np.uint8)
-        if classes.size and classes.max() >= MAX_CLASSES:
-            raise FormatError(f"{reader.what}: channel class out of range")
-        columns = np.empty((heads * dim, tokens), dtype=np.int32)
-        for c in np.unique(classes).tolist():
-            rows = np.flatnonzero(classes == c)
-            count = rows.size * tokens
-            shift = reader.u8()
-            if shift > 31:
-                raise FormatError(f"{reader.what}: low-bit shift {shift} out of range")
-            table = read_table(reader)
-            # every decoded value lies in [lo << shift, (lo + K) << shift) + offset: check int32 room once
-            lo, hi = table.lo << shift, (table.lo + table.size) << shift
-            if lo + int(offsets[rows].min()) < -(1 << 31) or hi + int(offsets[rows].max()) > (1 << 31):
-                raise FormatError(f"{reader.what}: decoded symbols would overflow int32")
-            # a symbol costs at most 16 bits (the smallest frequency is 2**-16), the final state 64: the words
-            # of a stream any encoder writes are bounded by its symbol count (§6.3)
-            n_words = reader.uvarint(max_value=min(count // 2 + 3, reader.remaining() // 4))
-            words = reader.array("<u4", n_words)
-            if not shift:  # the usual case: decoded straight into place
-                hist = decode_symbols_into_rows(words, table, columns, rows, offsets[rows])
-                if count:
-                    check_table_is_histogram(table, hist, f"{reader.what}: class {c}")
-                continue
-            low_bytes = reader.bytes((count * shift + 7) // 8)  # present before anything is decoded
-            symbols = decode_symbols(words, table, count).reshape(rows.size, tokens)
-            if count:
-                hist = np.bincount((symbols - np.int32(table.lo)).ravel(), minlength=table.size)
-                check_table_is_histogram(table, hist, f"{reader.what}: class {c}")
-            low = unpack_low_bits(low_bytes, shift, count)
-            symbols = (symbols.astype(np.int64) << shift | low.reshape(rows.size, tokens)).astype(np.int32)
-            symbols += offsets[rows, None].astype(np.int32)
-            columns[rows] = symbols
+        if _ext_sections is None:
+            columns = decode_section(reader, heads * dim, tokens)
+        else:  # the whole section in one compiled call: the same bytes, the same checks
+            try:
+                columns, reader.pos = _ext_sections.decode_section(reader.buf, reader.pos, reader.end, heads * dim,
+                                                                   tokens, MAX_CLASSES)
+            except _ext_sections.StreamError as exc:
+                raise FormatError(f"{reader.what}: {exc}") from None
         # a transposed view: the caller's dequantization copies it into [H, T, D] order anyway
         return columns.reshape(heads, dim, tokens).transpose(0, 2, 1)
+
+
+def decode_section(reader: Reader, channels: int, tokens: int) -> np.ndarray:
+    """A section's channel offsets, classes and class streams -> int32 [channels, tokens]: the reference for
+    (and the fallback without) ``seqkv_ext.context_sections.decode_section``, one class at a time."""
+    offsets = reader.svarint_array(channels)
+    if offsets.size and np.abs(offsets).max() > 1 << 31:
+        raise FormatError(f"{reader.what}: channel offset out of range")
+    classes = np.frombuffer(reader.bytes(channels), dtype=np.uint8)
+    if classes.size and classes.max() >= MAX_CLASSES:
+        raise FormatError(f"{reader.what}: channel class out of range")
+    columns = np.empty((channels, tokens), dtype=np.int32)
+    for c in np.unique(classes).tolist():
+        rows = np.flatnonzero(classes == c)
+        count = rows.size * tokens
+        shift = reader.u8()
+        if shift > 31:
+            raise FormatError(f"{reader.what}: low-bit shift {shift} out of range")
+        table = read_table(reader)
+        # every decoded value lies in [lo << shift, (lo + K) << shift) + offset: check int32 room once
+        lo, hi = table.lo << shift, (table.lo + table.size) << shift
+        if lo + int(offsets[rows].min()) < -(1 << 31) or hi + int(offsets[rows].max()) > (1 << 31):
+            raise FormatError(f"{reader.what}: decoded symbols would overflow int32")
+        # a symbol costs at most 16 bits (the smallest frequency is 2**-16), the final state 64: the words
+        # of a stream any encoder writes are bounded by its symbol count (§6.3)
+        n_words = reader.uvarint(max_value=min(count // 2 + 3, reader.remaining() // 4))
+        words = reader.array("<u4", n_words)
+        if not shift:  # the usual case: decoded straight into place
+            hist = decode_symbols_into_rows(words, table, columns, rows, offsets[rows])
+            if count:
+                check_table_is_histogram(table, hist, f"{reader.what}: class {c}")
+            continue
+        low_bytes = reader.bytes((count * shift + 7) // 8)  # present before anything is decoded
+        symbols = decode_symbols(words, table, count).reshape(rows.size, tokens)
+        if count:
+            hist = np.bincount((symbols - np.int32(table.lo)).ravel(), minlength=table.size)
+            check_table_is_histogram(table, hist, f"{reader.what}: class {c}")
+        low = unpack_low_bits(low_bytes, shift, count)
+        symbols = (symbols.astype(np.int64) << shift | low.reshape(rows.size, tokens)).astype(np.int32)
+        symbols += offsets[rows, None].astype(np.int32)
+        columns[rows] = symbols
+    return columns
