@@ -2,6 +2,7 @@
 
     python bench/closed_loop_eval.py --out docs/closed_loop                       # the shipped profile
     python bench/closed_loop_eval.py --profile P --out /tmp/single                # another profile file
+    python bench/closed_loop_eval.py --loops closed,closed+soft --out /tmp/soft     # soft pruning's gain
 
 For each text and target: the design notes §5 protocol (SmolLM2-135M-Instruct, P=2048 tokens prefilled,
 fp16 cache, the next C=256 tokens teacher-forced after the decoded cache): ratio vs fp16 (every container
@@ -31,15 +32,20 @@ TEXTS = ["seqkv/data/texts/psf_license.txt", "bench/texts_heldout/gpl3.txt",
          "bench/texts_heldout/subprocess_source.txt", "bench/texts_heldout/stdlib_h.txt"]
 
 
-def row(probe, model, profile, target, closed):
+LOOPS = {"open": dict(closed_loop=False), "closed": dict(closed_loop=True, token_steps=False),
+         "closed+soft": dict(closed_loop=True, token_steps=True)}
+
+
+def row(probe, model, profile, target, loop):
     t0 = time.perf_counter()
-    blob = seqkv.encode(probe.cache, model=model, profile=profile, target_kl=target, closed_loop=closed,
+    closed = LOOPS[loop]["closed_loop"]
+    blob = seqkv.encode(probe.cache, model=model, profile=profile, target_kl=target, **LOOPS[loop],
                         token_ids=probe.token_ids[0, :probe.prompt_len] if closed else None)
     seconds = time.perf_counter() - t0
     info = seqkv.inspect(blob)
     q = probe.score(seqkv.decode(blob, profile=profile))
     rc = info["rate_control"]
-    return {"target_kl": target, "loop": "closed" if closed else "open", "bytes": len(blob),
+    return {"target_kl": target, "loop": loop, "bytes": len(blob),
             "ratio": info["ratio_vs_fp16"], "mean_kl": q.mean_kl, "p99_kl": q.p99_kl, "top1": q.top1_agreement,
             "probe_kl": rc.get("measured_kl"), "predicted_kl": rc["predicted_kl"], "scale": rc["scale"],
             "measurements": rc.get("measurements", 0), "encode_s": seconds}
@@ -51,6 +57,9 @@ def main(argv=None) -> int:
     ap.add_argument("--text", action="append", help="text files (default: four texts no profile was calibrated on)")
     ap.add_argument("--targets", default="0.01,0.001")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--loops", default="open,closed,closed+soft",
+                    help="which encodes, in one run: open (prediction only), closed (measured, uniform token steps), "
+                         "closed+soft (measured, per-token steps from attention: the default encode with a model)")
     ap.add_argument("--out", required=True, help="writes OUT.json and OUT.md")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -61,8 +70,8 @@ def main(argv=None) -> int:
         with open(path, encoding="utf-8") as f:
             probe = QualityProbe(model, tok(f.read(), return_tensors="pt").input_ids, 2048, 256)
         for target in (float(t) for t in args.targets.split(",")):
-            for closed in (False, True):
-                r = {"text": os.path.basename(path), **row(probe, model, profile, target, closed)}
+            for loop in args.loops.split(","):
+                r = {"text": os.path.basename(path), **row(probe, model, profile, target, loop)}
                 print(json.dumps(r), flush=True)
                 rows.append(r)
     meta = {"profile": args.profile, "profile_sha256": profile.codec_hash, "model": "SmolLM2-135M-Instruct",

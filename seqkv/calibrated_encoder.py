@@ -37,15 +37,17 @@ def calibrated_setup(profile, model, config, layers, kl_margin, options) -> tupl
 
 
 def calibrated_search(pipeline: Pipeline, profile, layout, layers, layer_positions, target, kl_margin, write, *,
-                      elements, progress=False, probe=None) -> bytes:
+                      elements, progress=False, probe=None, soft=None) -> bytes:
     """Transform every layer once, then pick the scale that meets ``target`` and return
     ``write(sections, profile_ref, rate_control)`` (``sections``: {name: bytes} of the keys and values).
     ``layer_positions[i]``: the positions of layer ``i``'s tokens (all the same unless the cache was pruned
     layer by layer); ``elements``: what bits per element count.  ``probe`` (a
     :class:`seqkv.kl_probe.TailProbe`): a ``target_kl`` is then met as measured on the probe (closed loop),
-    the profile's prediction only starting the search."""
+    the profile's prediction only starting the search.  ``soft`` (a :class:`seqkv.token_importance.SoftSteps`):
+    per-token steps, for a pipeline whose quantizer has ``token_steps``."""
     sinks = pipeline.sink_tokens
-    state = CodingState(profile=profile)
+    state = CodingState(profile=profile, token_codes=None if soft is None else soft.codes,
+                        token_weights=None if soft is None else soft.weights)
     transformed = {}
     for i, (keys, values) in progress_bar(list(enumerate(layers)), desc="encode: transform", enabled=progress):
         for kind, x in zip(KINDS, (keys, values)):
@@ -80,8 +82,10 @@ def calibrated_search(pipeline: Pipeline, profile, layout, layers, layer_positio
 
     if target.kind == "scale":
         return container_at(target.value)
+    soft_body = None if soft is None else {key: soft.for_body(key, sinks) for key in bodies}
     kl_scale = scale_for_kl(profile, bodies, target.value if target.kind == "kl" else DEFAULT_TARGET_KL,
-                            rounding, kl_margin, cross_layer=pipeline.cross_layer, positions=body_positions)
+                            rounding, kl_margin, cross_layer=pipeline.cross_layer, positions=body_positions,
+                            token_steps=soft_body)
     if target.kind == "kl" and probe is not None:
         scale, kl, count = scale_for_measured_kl(measured_kl, target.value * kl_margin, kl_scale)
         return container_at(scale, {"measured_kl": kl, "probe_tokens": probe.length, "measurements": count})

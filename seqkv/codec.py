@@ -9,6 +9,7 @@ from .errors import ConfigError
 from .format import DEFAULT_MAX_DECODED_BYTES, Header, Pipeline, PositionsInfo, open_container, write_container
 from .format.pipeline import KINDS, le_bytes, section_name
 from .kl_probe import loop_probe
+from .token_importance import soft_steps
 from .hf_adapter import SUPPORTED_DTYPES, build_cache, cache_layers, checked_device
 from .kl_prediction_check import rate_control_report
 from .layout import layout_for_cache, layout_from_model
@@ -40,7 +41,8 @@ def encode(cache, *, preset: str | None = None, model=None, config=None, positio
     calibrated one (per-layer KLT, profile steps, temporal prediction) and rate
     control meets one target: ``target_kl`` (predicted mean KL, the default, 0.01),
     ``bits_per_element`` or ``max_bytes``; ``scale=`` sets the knob directly.
-    ``options`` then are ``rounding``, ``predict`` and ``cross_layer`` (bools, the two predictors) and ``scale``.
+    ``options`` then are ``rounding``, ``predict`` and ``cross_layer`` (bools, the two predictors), ``token_steps``
+    and ``scale``.
     Lossless never uses a profile.
 
     ``model``/``config`` give the layout, RoPE parameters and fingerprint (required
@@ -58,6 +60,12 @@ def encode(cache, *, preset: str | None = None, model=None, config=None, positio
     profile's prediction (a warning says why, when a model was given); ``True``: closed or ConfigError;
     ``False``: the prediction alone (faster, nothing measured).  ``token_ids``: the cache's token ids (one per
     cached token); without them they are recovered from layer 0's keys, which identify the tokens.
+
+    ``token_steps`` (calibrated, closed loop; soft pruning, docs/soft_pruning.md): the tokens that the queries
+    to come are expected to attend to least (kvpress's expected attention, from the queries the probe
+    observed) get coarser steps (``2 ** (code / 4)`` times, per token and layer, in the container), and the
+    closed loop then meets ``target_kl`` as before.  ``None`` (default): on whenever the loop is closed;
+    ``True``: on or ConfigError; ``False``: every token gets the same steps.
     """
     if preset is not None and not isinstance(preset, str):
         raise ConfigError(f"preset must be a string, got {type(preset).__name__}")
@@ -75,6 +83,8 @@ def encode(cache, *, preset: str | None = None, model=None, config=None, positio
         raise ConfigError(f"prune must be a pruner (seqkv.pruner(name, ...) or a seqkv.pruning policy), "
                           f"got {type(prune).__name__}")
     if prune is not None or getattr(cache, "seqkv_pruned", None) is not None:
+        if options.pop("token_steps", None):
+            raise ConfigError("token_steps=True is not available for pruned caches (it reads the closed-loop probe)")
         if closed_loop:
             raise ConfigError("closed_loop=True is not available for pruned caches: their target_kl is the "
                               "quantization's predicted KL (the pruning's own KL comes on top)")
@@ -88,15 +98,20 @@ def encode(cache, *, preset: str | None = None, model=None, config=None, positio
     dtype_name = SUPPORTED_DTYPES[layers[0][0].dtype]
     pos = positions_of(positions, layers[0][0].shape[1])
     if calibrated:
+        token_steps = options.pop("token_steps", None)
         pipeline, layout = calibrated_setup(profile, model, config, layers, kl_margin, options)
         probe = loop_probe(closed_loop, target, model, layers, pos, layout, token_ids)
+        soft = soft_steps(token_steps, probe, layers, pos, layout, profile.sink_tokens)
+        if soft is not None:
+            pipeline, layout = calibrated_setup(profile, model, config, layers, kl_margin, {**options, "token_steps": True})
 
         def write(sections, profile_ref, rate_control):
             return _write(sections, pipeline, layout, layers, dtype_name, pos,
                           profile=profile_ref, rate_control=rate_control)
 
         return calibrated_search(pipeline, profile, layout, layers, [pos] * len(layers), target, kl_margin, write,
-                                 elements=len(layers) * 2 * layers[0][0].numel(), progress=progress, probe=probe)
+                                 elements=len(layers) * 2 * layers[0][0].numel(), progress=progress, probe=probe,
+                                 soft=soft)
     preset = "balanced" if preset is None else preset
     pipeline = Pipeline(pipeline_config(preset, **options))
     layout = layout_for_cache(model, config, layers, pipeline.lossless)

@@ -98,20 +98,54 @@ class TailProbe:
     """The reference run of a cache's last ``length`` tokens, to measure decoded caches against.
 
     ``layers``: the cache's per-layer (keys, values) [kv_heads, T, head_dim]; ``positions``: [T];
-    ``token_ids``: the T tokens' ids (or at least the last ``length`` of them)."""
+    ``token_ids``: the T tokens' ids (or at least the last ``length`` of them).
+
+    When the ids of the ``length`` tokens *before* the tail are given too (and the model has Llama-style
+    attention), the model also re-reads those after the tokens before them, and :attr:`queries` keeps the
+    pre-RoPE queries of both runs (layer -> [query_heads, 2 * length, head_dim]): soft pruning's model of
+    the queries to come (:mod:`seqkv.token_importance`)."""
 
     def __init__(self, model, layers, positions: torch.Tensor, token_ids: torch.Tensor, length: int):
         tokens = layers[0][0].shape[1]
         if not 0 < length < tokens:
             raise ConfigError(f"a probe of {length} tokens does not fit a {tokens}-token cache")
-        ids = torch.as_tensor(token_ids).reshape(-1)[-length:].to(torch.long)
+        all_ids = torch.as_tensor(token_ids).reshape(-1).to(torch.long)
+        ids = all_ids[-length:]
         if ids.numel() != length:
             raise ConfigError(f"token_ids has {ids.numel()} ids; the probe needs the cache's last {length}")
         self.model, self.length, self.kept = model, length, tokens - length
         self.dtype = next(model.parameters()).dtype
         self.ids = ids.unsqueeze(0)
         self.position_ids = positions[self.kept:].to(torch.long).unsqueeze(0)
-        self.reference = torch.log_softmax(self._logits(layers), dim=-1)
+        self.queries: dict = {}
+        window = self._observe(layers, all_ids[-2 * length:-length], positions) \
+            if all_ids.numel() >= 2 * length and self.kept > length else {}
+        tail = self._observe(layers, ids, positions, reference=True)
+        if window and tail:
+            self.queries = {layer: torch.cat([window[layer], tail[layer]], dim=1) for layer in tail}
+
+    @torch.no_grad()
+    def _observe(self, layers, window_ids: torch.Tensor, positions: torch.Tensor, reference: bool = False) -> dict:
+        """The pre-RoPE queries (layer -> [query_heads, n, head_dim]) of the model re-reading ``window_ids``
+        (the tail when ``reference``, which also sets :attr:`reference`; else the ``length`` tokens before
+        it) after the tokens before them; {} for a model without Llama-style attention."""
+        from .pruning.observe import QueryObserver   # the pruning package loads only when a probe observes
+
+        end = self.kept + (self.length if reference else 0)
+        start = end - self.length
+        observer = QueryObserver()
+        context = build_cache([(k[:, :start], v[:, :start]) for k, v in layers], dtype=self.dtype)
+        try:
+            with observer.attach(self.model):
+                out = self.model(window_ids.reshape(1, -1), **with_cache(self.model, context),
+                                 position_ids=positions[start:end].to(torch.long).unsqueeze(0), use_cache=True)
+        except ConfigError:   # not a Llama-style model: nothing to observe (the probe itself still works)
+            if reference:
+                self.reference = torch.log_softmax(self._logits(layers), dim=-1)
+            return {}
+        if reference:
+            self.reference = torch.log_softmax(out.logits[0].float(), dim=-1)
+        return observer.queries
 
     @torch.no_grad()
     def _logits(self, layers) -> torch.Tensor:
@@ -133,7 +167,9 @@ def tail_probe(model, layers, positions: torch.Tensor, layout, token_ids=None) -
     if length == 0:
         return None, f"the cache has fewer than {4 * MIN_PROBE_TOKENS} tokens"
     if token_ids is None:
-        tail = slice(layers[0][0].shape[1] - length, None)
+        # the tail and the observation window before it (soft pruning), when the cache holds both
+        tokens = layers[0][0].shape[1]
+        tail = slice(tokens - (2 * length if tokens > 2 * length else length), None)
         token_ids = recover_token_ids(model, layers[0][0][:, tail], positions[tail], layout)
         if token_ids is None:
             return None, "token ids were not given and layer 0's keys do not identify them for this model"

@@ -72,7 +72,7 @@ def pipeline_config(preset: str, **options) -> dict:
 
 
 CALIBRATED_PRESET = "calibrated"
-CALIBRATED_OPTION_NAMES = ("rounding", "predict", "cross_layer")
+CALIBRATED_OPTION_NAMES = ("rounding", "predict", "cross_layer", "token_steps")
 
 
 def calibrated_pipeline_config(sink_tokens: int, **options) -> dict:
@@ -85,13 +85,15 @@ def calibrated_pipeline_config(sink_tokens: int, **options) -> dict:
                           f"{list(CALIBRATED_OPTION_NAMES)} and one of target_kl / bits_per_element / max_bytes / scale")
     predict = options.get("predict", True)
     cross_layer = options.get("cross_layer", True)
-    for name, value in (("predict", predict), ("cross_layer", cross_layer)):
+    token_steps = options.get("token_steps", False)
+    for name, value in (("predict", predict), ("cross_layer", cross_layer), ("token_steps", token_steps)):
         if not isinstance(value, bool):
             raise ConfigError(f"{name} must be True or False, got {value!r}")
     cfg = {
         "mode": "lossy", "preset": CALIBRATED_PRESET, "sink_tokens": sink_tokens,
         "transforms": [{"id": "prerope"}, {"id": "klt"}],
-        "quantizer": {"id": "klt_uniform", "rounding": options.get("rounding", 0.5), "cross_layer": cross_layer},
+        "quantizer": {"id": "klt_uniform", "rounding": options.get("rounding", 0.5), "cross_layer": cross_layer,
+                      **({"token_steps": True} if token_steps else {})},
         # finer spread classes than the presets' 4 per octave: KLT components span a wide range of
         # spreads; 6 codes 0.23 % smaller at target_kl=0.01 on SmolLM2 (docs/rate_distortion.md)
         "coder": {"id": "context_ans", "classes_per_octave": 6},

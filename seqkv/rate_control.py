@@ -69,28 +69,37 @@ def parse_target(target_kl=None, bits_per_element=None, max_bytes=None, scale=No
     return RateTarget(kind, float(value))
 
 
-def quantization_error(z_body: torch.Tensor, part, scale: float, rounding: float, pred: torch.Tensor | None = None):
+def quantization_error(z_body: torch.Tensor, part, scale: float, rounding: float, pred: torch.Tensor | None = None,
+                       token_steps: tuple | None = None):
     """(weighted MSE, z_hat) of quantizing one tensor's KLT coefficients [H, T, D] at ``scale``.
 
     With ``pred`` (the cross-layer prediction), components whose residual has the smaller
-    variance are quantized as residuals: a cheap stand-in for the quantizer's choice by entropy."""
+    variance are quantized as residuals: a cheap stand-in for the quantizer's choice by entropy.
+    ``token_steps``: (multipliers [T], attention weights [T]) of soft pruning: each token's steps are
+    multiplied, and its error counts by the attention it receives."""
     heads, tokens, dim = z_body.shape
     if tokens == 0:
         return 0.0, z_body
     steps = component_steps(part, scale, heads, dim)
-    _q, recon = quantize_components(z_body, steps, rounding)
-    if pred is not None:
-        use = ((z_body - pred).pow(2).mean(1) < z_body.pow(2).mean(1))[:, None, :]
-        recon_res = quantize_components(z_body - pred, steps, rounding)[1] + pred
+    mult, weights = token_steps if token_steps is not None else (None, None)
+    z = z_body if mult is None else z_body / mult[None, :, None]
+    p = pred if mult is None or pred is None else pred / mult[None, :, None]
+    _q, recon = quantize_components(z, steps, rounding)
+    if p is not None:
+        use = ((z - p).pow(2).mean(1) < z.pow(2).mean(1))[:, None, :]
+        recon_res = quantize_components(z - p, steps, rounding)[1] + p
         recon = torch.where(use, recon_res, recon)
-    return weighted_mse(z_body, recon, part), recon
+    if mult is not None:
+        recon = recon * mult[None, :, None]
+    return weighted_mse(z_body, recon, part, weights), recon
 
 
 def predicted_kl(profile, bodies: dict, scale: float, rounding: float, cross_layer: bool = False,
-                 positions: dict | None = None) -> float:
+                 positions: dict | None = None, token_steps: dict | None = None) -> float:
     """The profile's KL model for quantizing ``bodies`` ({(layer, kind): [H, T, D]}, in layer order),
     chaining cross-layer predictions the way the quantizer does.  ``positions`` ({(layer, kind): [T]}):
-    the tokens' positions, for pruned caches whose layers keep different tokens."""
+    the tokens' positions, for pruned caches whose layers keep different tokens.  ``token_steps``
+    ({(layer, kind): (multipliers [T], weights [T])}): soft pruning, see :func:`quantization_error`."""
     mse = {}
     state = CodingState(profile=profile, chain={})
     for (layer, kind), z in bodies.items():
@@ -98,7 +107,8 @@ def predicted_kl(profile, bodies: dict, scale: float, rounding: float, cross_lay
         pos = None if positions is None else positions[(layer, kind)]
         ctx = TensorContext(layer=layer, kind=kind, positions=pos, layout=profile.layout, state=state)
         pred = cross_layer_prediction(part, ctx, z.shape) if cross_layer else None
-        mse[(layer, kind)], recon = quantization_error(z, part, scale, rounding, pred)
+        steps = None if token_steps is None else token_steps.get((layer, kind))
+        mse[(layer, kind)], recon = quantization_error(z, part, scale, rounding, pred, steps)
         remember_reconstruction(ctx, recon)
     return profile.predicted_kl(mse)
 
@@ -108,7 +118,7 @@ def subsample(bodies: dict, tokens: int = SUBSAMPLE_TOKENS, positions: dict | No
     in every layer (those divisible by one stride), so cross-layer predictions still find their
     tokens; returns ``(bodies, positions)`` then."""
     if positions is None:
-        return {key: z[:, ::max(1, z.shape[1] // tokens)].contiguous() for key, z in bodies.items()}
+        return {key: z[:, ::stride_for(z.shape[1], tokens)].contiguous() for key, z in bodies.items()}
     stride = max(1, min(z.shape[1] for z in bodies.values()) // tokens)
     out, out_pos = {}, {}
     for key, z in bodies.items():
@@ -117,16 +127,26 @@ def subsample(bodies: dict, tokens: int = SUBSAMPLE_TOKENS, positions: dict | No
     return out, out_pos
 
 
+def stride_for(tokens: int, sample: int = SUBSAMPLE_TOKENS) -> int:
+    """The token stride of :func:`subsample` (plain caches)."""
+    return max(1, tokens // sample)
+
+
 def scale_for_kl(profile, bodies: dict, target: float, rounding: float, margin: float = DEFAULT_KL_MARGIN,
-                 cross_layer: bool = False, positions: dict | None = None) -> float:
+                 cross_layer: bool = False, positions: dict | None = None, token_steps: dict | None = None) -> float:
     """The scale whose predicted KL (on a token subsample) is target * margin, within KL_TOLERANCE,
     never above it.  Bracketed secant (Illinois) on log KL vs log scale: KL grows like scale^2.
-    ``positions``: as for :func:`predicted_kl` (pruned caches)."""
+    ``positions``: as for :func:`predicted_kl` (pruned caches); ``token_steps`` too (plain caches only)."""
     sample, sample_pos = subsample(bodies, positions=positions) if positions is not None else (subsample(bodies), None)
+    if token_steps is not None:
+        if positions is not None:
+            raise ConfigError("soft pruning's token steps are for plain caches")
+        token_steps = {key: tuple(t[::stride_for(bodies[key].shape[1])] for t in pair)
+                       for key, pair in token_steps.items()}
     goal = math.log(target * margin)
 
     def f(log_scale):
-        kl = predicted_kl(profile, sample, math.exp(log_scale), rounding, cross_layer, sample_pos)
+        kl = predicted_kl(profile, sample, math.exp(log_scale), rounding, cross_layer, sample_pos, token_steps)
         return math.log(max(kl, 1e-300)) - goal
 
     lo_limit, hi_limit = math.log(MIN_SCALE), math.log(10.0)

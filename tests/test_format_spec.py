@@ -91,7 +91,7 @@ def read_container(blob: bytes):
     pipeline checked on the way."""
     assert len(blob) >= PREAMBLE.size == 20
     magic, major, minor, flags, n, crc = PREAMBLE.unpack_from(blob, 0)
-    assert magic == MAGIC and major == 1 and minor <= 2
+    assert magic == MAGIC and major == 1 and minor <= 3
     assert flags & 0xFFFE == 0
     assert n <= 1 << 20 and 20 + n <= len(blob)
     raw = blob[20:20 + n]
@@ -124,7 +124,8 @@ def check_container(blob: bytes):
     CONTAINER_VALIDATOR.validate(header)
     pruned = bool(flags & FLAG_PRUNED)
     assert pruned == ("pruning" in header)
-    assert minor == (2 if pruned and _has_profile_stage(header["pipeline"]) else
+    assert minor == (3 if header["pipeline"].get("quantizer", {}).get("token_steps") else
+                     2 if pruned and _has_profile_stage(header["pipeline"]) else
                      1 if pruned or _has_profile_stage(header["pipeline"]) else 0)
     model = header["model"]
     assert (model["layers"], model["kv_heads"], model["head_dim"]) == (header["layers"], header["kv_heads"],
@@ -159,7 +160,7 @@ def test_golden_files_cover_every_version():
     for path in GOLDEN:
         minor, _, _, _ = read_container(_golden(path))
         versions.add(minor)
-    assert versions == {0, 1, 2}
+    assert versions == {0, 1, 2, 3}
 
 
 @pytest.mark.parametrize("path", GOLDEN, ids=os.path.basename)
@@ -799,6 +800,21 @@ def spec_decode_section(payload, header, layer, kind, positions, chain, profile)
             assert mode in (0, 1)
             if mode:
                 use = np.array(unpack_bits(r.take((heads * dim + 7) // 8), 1, heads * dim), bool)
+        mult = np.ones(n, np.float32)
+        if quant.get("token_steps"):   # §6.2, format 1.3: per-token step codes
+            mode = r.u8()
+            assert mode in (0, 1)
+            if mode:
+                count = r.uvarint()
+                lo, k = r.svarint(), r.uvarint()
+                assert count == n and 0 <= lo <= 40 and k <= 42
+                freq = [r.uvarint() + 1 for _ in range(k)]
+                assert sum(freq) == 65536
+                words = r.array("<u4", r.uvarint())
+                codes = np.array([lo + s for s in spec_ans_decode(words.tolist(), freq, count)])
+                assert codes.max() <= 40
+                mult = np.exp2(codes.astype(np.float32) / np.float32(4)).astype(np.float32)
+                SPEC_STATS["token-step coded tokens"] += int((codes > 0).sum())
     k = None
     if pipe.get("predictor"):
         mode = r.u8()
@@ -820,6 +836,7 @@ def spec_decode_section(payload, header, layer, kind, positions, chain, profile)
                         * tensors[f"layer.{layer}.{kind}.weights"]).astype(np.float64)).astype(np.float32)
         step = (np.float32(1) / np.maximum(root, np.float32(1e-12))) * scale
         y = q32 * step[:, None]
+        pred = np.zeros_like(y)
         if use.any():
             prev = chain[kind]
             assert prev is not None and prev[0] == layer - 1
@@ -830,8 +847,9 @@ def spec_decode_section(payload, header, layer, kind, positions, chain, profile)
                 if hit.size:
                     cols[:, t] = prev[1][:, hit[0]]
             pred = (tensors[f"layer.{layer}.{kind}.cross"].astype(np.float32) @ cols).astype(np.float32)
-            y = np.where(use[:, None], y + pred, y)
             SPEC_STATS["cross-layer predicted components"] += int(use.sum())
+        # (q * step + P / m) * m for predicted components, (q * step) * m for the others (float32)
+        y = np.where(use[:, None], y + pred / mult[None, :], y) * mult[None, :]
         chain[kind] = (layer, y.astype(np.float32), np.asarray(positions[sinks:]))
     x = y.reshape(heads, dim, n).transpose(0, 2, 1).astype(np.float64)           # [H, n, D]
     for t in reversed(pipe["transforms"]):

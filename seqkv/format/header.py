@@ -45,10 +45,10 @@ MAX_ELEMENTS_PER_BYTE = 4096
 def required_minor(flags: int, pipeline: Pipeline) -> int:
     """The lowest 1.x that defines everything a container uses: writers write it, readers demand exactly it
     (the preamble's minor is not under a checksum).  1.0: presets; 1.1 adds the PRUNED flag and the
-    calibrated stages; 1.2 allows both in one container."""
+    calibrated stages; 1.2 allows both in one container; 1.3 adds klt_uniform's token steps."""
     pruned = bool(flags & FLAG_PRUNED)
     if pruned and pipeline.min_minor >= 1:
-        return 2
+        return max(2, pipeline.min_minor)
     return max(pipeline.min_minor, 1 if pruned else 0)
 
 

@@ -44,6 +44,10 @@ class CodingState:
     chain: dict | None = None
     # per (layer, kind): the weighted MSE klt_uniform's quantization caused (rate control's KL model reads it)
     weighted_mse: dict = field(default_factory=dict)
+    # klt_uniform with token_steps: (layer, kind) -> uint8 [tokens] step codes chosen by the encoder
+    token_codes: dict | None = None
+    # and (layer, kind) -> float [tokens]: the attention each token receives, mean 1 (the KL model's weights)
+    token_weights: dict | None = None
 
 
 @dataclass

@@ -11,12 +11,14 @@ control; the steps themselves come from the profile.  Cross-layer prediction: se
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from ..errors import ConfigError, FormatError, NonFiniteError, ValueRangeError
-from ..wire import Reader
+from ..ans_coding import decode_symbols, read_table, table_and_words, write_table
+from ..wire import Reader, write_uvarint
 from .base import Quantizer, TensorContext, register
 from .quantize_uniform import quantize_symbols
 from .klt import columns_of, from_columns, matmul, profile_part
@@ -57,9 +59,13 @@ def quantize_components(z: torch.Tensor, steps: torch.Tensor, rounding: float) -
     return q, q * steps[:, None, :]
 
 
-def weighted_mse(z: torch.Tensor, recon: torch.Tensor, part) -> float:
-    """Mean over elements of weight_c * (z - recon)^2 ([H, T, D], T > 0): what the profile's KL model reads."""
-    return weighted_by_component((z - recon).pow(2).mean(1), part)
+def weighted_mse(z: torch.Tensor, recon: torch.Tensor, part, token_weights: torch.Tensor | None = None) -> float:
+    """Mean over elements of weight_c * (z - recon)^2 ([H, T, D], T > 0): what the profile's KL model reads.
+    ``token_weights`` [T] (mean about 1): each token's error counts by the attention it receives."""
+    err = (z - recon).pow(2)
+    if token_weights is None:
+        return weighted_by_component(err.mean(1), part)
+    return weighted_by_component((err * token_weights.to(err.dtype)[None, :, None]).mean(1), part)
 
 
 def weighted_by_component(err: torch.Tensor, part) -> float:
@@ -114,6 +120,82 @@ def remember_reconstruction(ctx: TensorContext, recon: torch.Tensor) -> None:
                                         _body_positions(ctx.positions, recon.shape[1]))
 
 
+class KLTSide(NamedTuple):
+    """A klt_uniform section's side info."""
+    scale: float
+    use: torch.Tensor | None          # bool [H, D]: the components predicted from the previous layer
+    codes: np.ndarray | None          # uint8 [T']: the tokens' step codes (token_steps)
+
+
+MAX_TOKENS_PER_SECTION = 1 << 26   # the container's token cap (format.pipeline.MAX_TOKENS)
+TOKEN_STEPS_MINOR = 3               # the container minor that defines token_steps
+MAX_TOKEN_CODE = 40          # multiplier 2**(40/4) = 1024: the token is as good as pruned
+TOKEN_CODES_PER_OCTAVE = 4
+
+
+def token_multipliers(codes: np.ndarray) -> np.ndarray:
+    """float32 step multipliers ``2 ** (code / 4)`` of per-token codes (uint8)."""
+    return np.exp2(codes.astype(np.float32) / np.float32(TOKEN_CODES_PER_OCTAVE)).astype(np.float32)
+
+
+def token_codes_for(ctx: TensorContext, tokens: int) -> np.ndarray | None:
+    """The encoder's per-token step codes of this section's quantized tokens (None: all zero)."""
+    table = ctx.state.token_codes
+    if not table:
+        return None
+    codes = table.get((ctx.layer, ctx.kind))
+    if codes is None:
+        return None
+    codes = np.asarray(codes, dtype=np.uint8)
+    if codes.size < tokens:
+        raise ConfigError(f"layer {ctx.layer} {ctx.kind}: {codes.size} token step codes for {tokens} tokens")
+    codes = codes[codes.size - tokens:]   # the quantized tokens are the last ones (sinks come first)
+    if codes.size and int(codes.max()) > MAX_TOKEN_CODE:
+        raise ConfigError(f"token step codes above {MAX_TOKEN_CODE}")
+    return codes
+
+
+def token_weights_for(ctx: TensorContext, tokens: int) -> np.ndarray | None:
+    """The attention weights (mean 1 over the cache's tokens) of this section's quantized tokens, or None."""
+    table = ctx.state.token_weights
+    weights = None if not table else table.get((ctx.layer, ctx.kind))
+    if weights is None or len(weights) < tokens:
+        return None
+    return np.asarray(weights, dtype=np.float32)[len(weights) - tokens:]
+
+
+def write_token_codes(out: bytearray, codes: np.ndarray) -> None:
+    """Token step codes: u8 mode (0: all zero; 1: an ANS table, uvarint word count, the words)."""
+    if not codes.size or not codes.any():
+        out.append(0)
+        return
+    table, words = table_and_words(codes.astype(np.int64))
+    out.append(1)
+    write_uvarint(out, codes.size)
+    write_table(out, table)
+    write_uvarint(out, len(words))
+    out += words.astype("<u4").tobytes()
+
+
+def read_token_codes(reader: Reader) -> np.ndarray | None:
+    mode = reader.u8()
+    if mode == 0:
+        return None
+    if mode != 1:
+        raise FormatError(f"{reader.what}: unknown token-step mode {mode}")
+    count = reader.uvarint(max_value=MAX_TOKENS_PER_SECTION)
+    table = read_table(reader)
+    # (a table spans at least 2 symbols, so one code of 40 alone has lo + K - 1 = 41: checked after decoding)
+    if not 0 <= table.lo <= MAX_TOKEN_CODE or table.size > MAX_TOKEN_CODE + 2:
+        raise FormatError(f"{reader.what}: token step codes outside [0, {MAX_TOKEN_CODE}]")
+    n_words = reader.uvarint(max_value=min(count // 2 + 3, reader.remaining() // 4))
+    words = reader.array("<u4", n_words)
+    codes = decode_symbols(words, table, count)
+    if codes.size and int(codes.max()) > MAX_TOKEN_CODE:
+        raise FormatError(f"{reader.what}: token step codes outside [0, {MAX_TOKEN_CODE}]")
+    return codes.astype(np.uint8)
+
+
 @register
 class KLTQuantizer(Quantizer):
     """Profile-stepped uniform quantizer, with optional cross-layer prediction (DPCM).
@@ -130,11 +212,19 @@ class KLTQuantizer(Quantizer):
     id = "klt_uniform"
     min_minor = 1  # defined by format 1.1
     reads_profile = True
-    params = {"rounding": (float, 0.5), "cross_layer": (bool, False)}
+    params = {"rounding": (float, 0.5), "cross_layer": (bool, False), "token_steps": (bool, False)}
 
     def validate(self) -> None:
         if not 0.0 < self.rounding <= 0.5:
             raise ConfigError(f"klt_uniform: rounding must be in (0, 0.5], got {self.rounding}")
+        if self.token_steps:
+            self.min_minor = TOKEN_STEPS_MINOR   # containers with per-token steps need a reader that knows them
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        if not self.token_steps:   # written only when on: containers without it keep their bytes
+            del config["token_steps"]
+        return config
 
     def quantize(self, z: torch.Tensor, ctx: TensorContext):
         from seqkv_ext.quantize import QuantizeError, quantize_rows
@@ -146,10 +236,29 @@ class KLTQuantizer(Quantizer):
         heads, tokens, dim = z.shape
         steps = component_steps(part, scale, heads, dim).reshape(-1).contiguous()
         pred = cross_layer_prediction(part, ctx, z.shape) if (self.cross_layer and tokens) else None
+        codes = token_codes_for(ctx, tokens) if self.token_steps else None
+        z_cols = columns_of(z).numpy()
+        pred_cols = None if pred is None else columns_of(pred).numpy()
+        if codes is not None and codes.any():
+            # a token's steps are all multiplied by its multiplier: quantize the token divided by it
+            mult = token_multipliers(codes)
+            z_cols = np.divide(z_cols, mult[None, :])
+            pred_cols = None if pred_cols is None else np.divide(pred_cols, mult[None, :])
+        else:
+            mult = None
         try:
             # one compiled pass per component: plain and residual symbols, the choice, the reconstruction
-            q, recon, use, sq_err = quantize_rows(columns_of(z).numpy(), steps.numpy(), self.rounding,
-                                                  None if pred is None else columns_of(pred).numpy())
+            q, recon, use, sq_err = quantize_rows(np.ascontiguousarray(z_cols, dtype=np.float32), steps.numpy(),
+                                                  self.rounding, None if pred_cols is None else
+                                                  np.ascontiguousarray(pred_cols, dtype=np.float32))
+            if mult is not None:
+                recon = recon * mult[None, :]
+                sq_err = np.square(columns_of(z).numpy() - recon)
+                weights = token_weights_for(ctx, tokens)
+                # the KL model reads errors where attention reads them (issue 12, item 3): a token's error
+                # counts in proportion to the attention it receives (mean weight 1, so uniform errors predict
+                # what they did before)
+                sq_err = (sq_err.sum(axis=1) if weights is None else sq_err @ weights).astype(np.float64)
         except QuantizeError as exc:
             if "NaN" in str(exc):
                 raise NonFiniteError(f"layer {ctx.layer} {ctx.kind}: {exc}; lossy presets reject them, "
@@ -163,6 +272,8 @@ class KLTQuantizer(Quantizer):
             else:
                 side.append(1)
                 side += np.packbits(use, bitorder="little").tobytes()
+        if self.token_steps:
+            write_token_codes(side, codes if codes is not None else np.zeros(tokens, np.uint8))
         recon = from_columns(torch.from_numpy(recon), heads, dim)
         if tokens:
             # the weighted MSE this quantization causes: rate control's KL model reads it
@@ -184,14 +295,18 @@ class KLTQuantizer(Quantizer):
                 use = torch.from_numpy(np.unpackbits(bits, bitorder="little")[:heads * dim].astype(bool)).reshape(heads, dim)
             elif mode != 0:
                 raise FormatError(f"{reader.what}: unknown cross-layer mode {mode}")
-        return scale, use
+        codes = read_token_codes(reader) if self.token_steps else None
+        return KLTSide(scale, use, codes)
 
     def dequantize(self, q: torch.Tensor, side, ctx: TensorContext) -> torch.Tensor:
         from seqkv_ext.quantize import dequantize_rows
 
-        scale, use = side
+        scale, use, codes = side
         part = profile_part(ctx)
         heads, tokens, dim = q.shape
+        if codes is not None and codes.size != tokens:
+            raise FormatError(f"layer {ctx.layer} {ctx.kind}: {codes.size} token step codes for {tokens} tokens")
+        mult = token_multipliers(codes) if codes is not None and codes.any() else None
         steps = component_steps(part, scale, heads, dim).reshape(-1).contiguous()
         pred = None
         if use is not None:
@@ -200,9 +315,13 @@ class KLTQuantizer(Quantizer):
                 raise FormatError(f"layer {ctx.layer} {ctx.kind}: cross-layer prediction without layer "
                                   f"{ctx.layer - 1} decoded first")
             pred = columns_of(pred).numpy()
+            if mult is not None:
+                pred = np.ascontiguousarray(np.divide(pred, mult[None, :]), dtype=np.float32)
             use = use.reshape(-1).numpy()
         # channel-major, the coder's order; one compiled pass, elementwise exactly the encoder's q * steps + pred
-        recon = from_columns(torch.from_numpy(dequantize_rows(columns_of(q).numpy(), steps.numpy(), pred, use)),
-                             heads, dim)
+        cols = dequantize_rows(columns_of(q).numpy(), steps.numpy(), pred, use)
+        if mult is not None:
+            cols = cols * mult[None, :]
+        recon = from_columns(torch.from_numpy(cols), heads, dim)
         remember_reconstruction(ctx, recon)
         return recon

@@ -109,8 +109,10 @@ def scale_for_kl(caches, profile, target_kl: float = 0.01, *, model=None, token_
     ids = [None] * len(caches) if token_ids is None else list(token_ids) if several else [token_ids]
     if len(ids) != len(caches):
         raise ConfigError(f"token_ids: {len(ids)} sequences for {len(caches)} caches")
+    # the store codes every token of every chunk with the one scale: resolve it without soft pruning
     return min(float(inspect(encode(c, profile=profile, model=model, target_kl=target_kl, token_ids=t,
-                                    closed_loop=closed_loop))["rate_control"]["scale"]) for c, t in zip(caches, ids))
+                                    closed_loop=closed_loop, token_steps=False))["rate_control"]["scale"])
+               for c, t in zip(caches, ids))
 
 
 @dataclass

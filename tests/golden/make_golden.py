@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repo, when not
 import seqkv  # noqa: E402
 from conftest import tiny_cache, tiny_profile  # noqa: E402
 
-VERSION = "v1_2"  # only the files of this version are written; older versions' files are never regenerated
+VERSION = "v1_3"  # only the files of this version are written; older versions' files are never regenerated
 V1_0_CASES = {  # written by the 1.0 writer (kept here to document them)
     "lossless_fp16": dict(family="llama", dtype=torch.float16, kw={"preset": "lossless"}),
     "lossless_bf16_positions": dict(family="qwen2", dtype=torch.bfloat16,
@@ -38,10 +38,41 @@ V1_1_CASES = {  # 1.1: pruned containers (flag PRUNED, docs/format.md §9) and t
     "calibrated_fp16": dict(family="llama", dtype=torch.float16, tokens=40, kw={"scale": 0.03}, profile=True),
 }
 
-CASES = {  # 1.2: a pruned container coded with the calibrated codec (docs/format.md §9.3)
+V1_2_CASES = {  # 1.2: a pruned container coded with the calibrated codec (docs/format.md §9.3)
     "calibrated_fp16_pruned_layer": dict(family="llama", dtype=torch.float16, tokens=40, kw={"scale": 0.03}, profile=True,
                                          prune={"name": "key_norm", "ratio": 0.5, "level": "layer"}),
 }
+
+CASES = {  # 1.3: klt_uniform's per-token steps (docs/format.md §6.2), codes 0..12 varying by token and layer
+    "calibrated_fp16_token_steps": dict(family="llama", dtype=torch.float16, tokens=40, kw={"scale": 0.03}, profile=True,
+                                        token_codes=lambda layer, tokens: [(3 * t + layer) % 13 if t < tokens - 8 else 0
+                                                                           for t in range(tokens)]),
+}
+
+
+def encode_with_token_codes(model, cache, profile, scale, codes_of) -> bytes:
+    """A calibrated container with the given per-token step codes (seqkv.encode chooses them from attention
+    only in closed loop; a golden file needs fixed ones)."""
+    import numpy as np
+    from seqkv.calibrated_encoder import calibrated_search, calibrated_setup
+    from seqkv.codec import _write
+    from seqkv.hf_adapter import SUPPORTED_DTYPES, cache_layers
+    from seqkv.rate_control import parse_target
+    from seqkv.token_importance import uniform_weights
+
+    layers = cache_layers(cache)
+    tokens = layers[0][0].shape[1]
+    pos = torch.arange(tokens)
+    codes = {(i, kind): np.array(codes_of(i, tokens), np.uint8) for i in range(len(layers)) for kind in ("keys", "values")}
+    pipeline, layout = calibrated_setup(profile, model, None, layers, 1.0, {"token_steps": True})
+
+    def write(sections, ref, rate_control):
+        return _write(sections, pipeline, layout, layers, SUPPORTED_DTYPES[layers[0][0].dtype], pos, profile=ref,
+                      rate_control=rate_control)
+
+    return calibrated_search(pipeline, profile, layout, layers, [pos] * len(layers), parse_target(None, None, None, scale),
+                             1.0, write, elements=len(layers) * 2 * layers[0][0].numel(),
+                             soft=None if codes is None else uniform_weights(codes))
 
 
 def main():
@@ -54,7 +85,10 @@ def main():
         if case.get("profile"):
             profile = tiny_profile(case["family"])
             profile.save(base + ".profile.safetensors")
-        blob = seqkv.encode(cache, model=model, prune=pruner, profile=profile, **case["kw"])
+        if case.get("token_codes"):
+            blob = encode_with_token_codes(model, cache, profile, case["kw"]["scale"], case["token_codes"])
+        else:
+            blob = seqkv.encode(cache, model=model, prune=pruner, profile=profile, **case["kw"])
         with open(base + ".skv", "wb") as f:
             f.write(blob)
         decoded = seqkv.decode(blob, profile=profile)

@@ -1,0 +1,127 @@
+"""Soft pruning: per-token step codes from the attention the queries to come are expected to pay each token.
+
+Hard pruning drops the tokens attention reads least, and fails where a later question reads one of them
+(passkeys, copied passages).  Here every token stays, but the quantizer's steps of a token that attention
+is expected to read little are multiplied by ``2 ** (code / 4)`` (``klt_uniform`` with ``token_steps``,
+docs/format.md §6.2): coarser, not gone.  With the KL contribution of a token taken as proportional to the
+attention it receives ``a_t`` times its squared error, the high-rate optimum at a fixed total rate is steps
+proportional to ``a_t ** -0.5``; :data:`DEFAULT_BETA` (measured, docs/soft_pruning.md) is gentler than that
+0.5, because ``a_t`` is only an estimate.
+
+``a_t`` is kvpress's *expected attention* (Devoto et al.): the queries to come are modelled as a Gaussian
+whose mean and covariance are those of the queries the closed-loop probe observed (the cache's last
+``2 W`` tokens re-read by the model, :class:`seqkv.kl_probe.TailProbe`), rotated by the RoPE rotation
+averaged over the next :data:`FUTURE_POSITIONS` positions; a token's score is ``mu·k/sqrt(d) + k'Σk/(2d)``,
+softmaxed over the tokens and averaged over the query heads.  Measured on four held-out texts
+(docs/soft_pruning.md), the attention the observed queries *themselves* paid made the codes fit those
+queries: the probe then read 0.3-0.9x the target where the continuation read up to 6.9x; with the expected
+attention the continuation/probe ratio stays within 0.5-1.8x, as without soft pruning (0.7-1.5x).
+Every token at least as important as the layer's :data:`REFERENCE_QUANTILE` keeps code 0.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .errors import ConfigError
+from .stages.quantize_klt import MAX_TOKEN_CODE, TOKEN_CODES_PER_OCTAVE, token_multipliers
+
+DEFAULT_BETA = 0.35          # codes = 4 * beta * log2(reference / a_t); 0.5 would be the high-rate optimum
+REFERENCE_QUANTILE = 0.99    # a layer's tokens at or above this quantile of a_t keep full precision
+FUTURE_POSITIONS = 512       # the RoPE rotation of the queries to come is averaged over this many positions
+
+
+def average_rope_rotation(layout, start: int, count: int) -> torch.Tensor:
+    """The RoPE rotation matrix [D, D] averaged over positions ``start .. start + count - 1``."""
+    from .pruning.expected_attention import average_rope_matrix   # the pruning package loads only here
+
+    return average_rope_matrix(layout, start, count)
+
+
+@torch.no_grad()
+def expected_attention(queries: dict, layers, next_position: int, layout) -> list[np.ndarray]:
+    """Per layer, the expected attention weight of each of the T cached tokens (float64 [T], sums to 1).
+
+    ``queries``: layer -> observed pre-RoPE queries [query_heads, n, head_dim]; ``layers``: the cache's
+    (keys, values), keys post-RoPE [kv_heads, T, head_dim]; ``next_position``: the position after the cache."""
+    rotation = average_rope_rotation(layout, next_position, FUTURE_POSITIONS)
+    out = []
+    for index, (keys, _values) in enumerate(layers):
+        q = queries.get(index)
+        if q is None or q.dim() != 3 or q.shape[1] < 2:
+            raise ConfigError(f"no observed queries for layer {index}")
+        q = q.float()
+        heads, _n, dim = q.shape
+        mean = q.mean(dim=1) @ rotation.T                                         # [Hq, D]
+        centred = q - q.mean(dim=1, keepdim=True)
+        cov = rotation @ (torch.einsum("hsi,hsj->hij", centred, centred) / q.shape[1]) @ rotation.T
+        k = keys.float().repeat_interleave(heads // keys.shape[0], dim=0)        # [Hq, T, D]
+        scores = torch.einsum("hd,htd->ht", mean, k) / math.sqrt(dim) \
+            + torch.einsum("hti,hij,htj->ht", k, cov, k) / dim / 2
+        out.append(torch.softmax(scores, dim=-1).mean(dim=0).double().numpy())
+    return out
+
+
+def token_step_codes(attention: list[np.ndarray], sink_tokens: int, beta: float = DEFAULT_BETA) -> dict:
+    """(layer, kind) -> uint8 [T] step codes (the same for a layer's keys and values):
+    ``round(4 * beta * log2(reference / a_t))`` clipped to [0, MAX_TOKEN_CODE], the reference being the
+    layer's :data:`REFERENCE_QUANTILE` of its non-sink tokens' ``a_t``.  Sink tokens keep code 0."""
+    if not (isinstance(beta, (int, float)) and 0.0 <= beta <= 2.0):
+        raise ConfigError(f"token step beta must be in [0, 2], got {beta!r}")
+    codes = {}
+    for layer, a in enumerate(attention):
+        c = np.zeros(a.size, dtype=np.uint8)
+        body = a[sink_tokens:]
+        if body.size:
+            reference = float(np.quantile(body, REFERENCE_QUANTILE))
+            raw = np.round(TOKEN_CODES_PER_OCTAVE * beta * np.log2(reference / np.maximum(body, 1e-30)))
+            c[sink_tokens:] = np.clip(raw, 0, MAX_TOKEN_CODE).astype(np.uint8)
+        codes[(layer, "keys")] = codes[(layer, "values")] = c
+    return codes
+
+
+@dataclass(frozen=True)
+class SoftSteps:
+    """What soft pruning hands the encoder: per (layer, kind), the tokens' step codes (uint8 [T]) and their
+    expected attention normalised to mean 1 (float32 [T]: the KL model's token weights)."""
+    codes: dict
+    weights: dict
+
+    def for_body(self, key, sink_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(multipliers, weights) of the quantized tokens (after the sinks) of one section, as tensors."""
+        codes, weights = self.codes[key][sink_tokens:], self.weights[key][sink_tokens:]
+        return torch.from_numpy(token_multipliers(codes)), torch.from_numpy(np.ascontiguousarray(weights))
+
+
+def uniform_weights(codes: dict) -> SoftSteps:
+    """Given step codes with every token weighing the same in the KL model (tests, golden files)."""
+    return SoftSteps(codes, {key: np.ones(len(c), np.float32) for key, c in codes.items()})
+
+
+def attention_weights(attention: list[np.ndarray]) -> dict:
+    """(layer, kind) -> float32 [T]: each layer's attention divided by its mean."""
+    out = {}
+    for layer, a in enumerate(attention):
+        w = (a / max(float(a.mean()), 1e-30)).astype(np.float32)
+        out[(layer, "keys")] = out[(layer, "values")] = w
+    return out
+
+
+def soft_steps(token_steps, probe, layers, positions: torch.Tensor, layout, sink_tokens: int) -> SoftSteps | None:
+    """What an encode uses (None: soft pruning off).  ``token_steps``: None = on when the closed-loop probe
+    observed the model's queries, True = on or ConfigError, False = off."""
+    if token_steps is not None and not isinstance(token_steps, bool):
+        raise ConfigError(f"token_steps must be True, False or None, got {token_steps!r}")
+    if token_steps is False:
+        return None
+    if probe is None or not getattr(probe, "queries", None):
+        if token_steps is None:
+            return None
+        raise ConfigError("token_steps=True models the queries the closed-loop probe observes: it needs a "
+                          "target_kl, model= a model that runs (Llama-style attention), closed_loop not False "
+                          "and a cache of at least 4 x 16 tokens")
+    attention = expected_attention(probe.queries, layers, int(positions[-1]) + 1, layout)
+    return SoftSteps(token_step_codes(attention, sink_tokens), attention_weights(attention))

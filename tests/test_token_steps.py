@@ -1,0 +1,168 @@
+"""Soft pruning: per-token step codes in klt_uniform (docs/format.md §5.4) and the codes' choice from attention."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import seqkv
+from seqkv.calibrated_encoder import calibrated_search, calibrated_setup
+from seqkv.codec import _write
+from seqkv.errors import ConfigError, FormatError, SeqKVError
+from seqkv.format.reader import open_container
+from seqkv.hf_adapter import cache_layers
+from seqkv.model_calls import cache_of
+from seqkv.rate_control import parse_target
+from seqkv.stages.base import TensorContext
+from seqkv.stages.quantize_klt import (
+    MAX_TOKEN_CODE, read_token_codes, token_multipliers, write_token_codes,
+)
+from seqkv.token_importance import REFERENCE_QUANTILE, expected_attention, token_step_codes, uniform_weights
+from seqkv.wire import Reader
+from conftest import tiny_model, tiny_profile
+
+
+def encode_with_codes(model, profile, cache, codes, scale=0.05):
+    """A calibrated container at a fixed scale with the given step codes (the encoder's inner entry)."""
+    layers = cache_layers(cache)
+    pos = torch.arange(layers[0][0].shape[1])
+    pipeline, layout = calibrated_setup(profile, model, None, layers, 1.0, {"token_steps": codes is not None})
+
+    def write(sections, ref, rate_control):
+        return _write(sections, pipeline, layout, layers, "float32", pos, profile=ref, rate_control=rate_control)
+
+    return calibrated_search(pipeline, profile, layout, layers, [pos] * len(layers),
+                             parse_target(None, None, None, scale), 1.0, write,
+                             elements=len(layers) * 2 * layers[0][0].numel(),
+                             soft=None if codes is None else uniform_weights(codes))
+
+
+@torch.no_grad()
+def _cache(model, tokens=64, seed=5):
+    ids = torch.randint(0, 96, (1, tokens), generator=torch.Generator().manual_seed(seed))
+    return ids[0], cache_of(model(ids, use_cache=True))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, MAX_TOKEN_CODE), min_size=0, max_size=300))
+def test_token_codes_round_trip(codes):
+    codes = np.array(codes, dtype=np.uint8)
+    out = bytearray()
+    write_token_codes(out, codes)
+    got = read_token_codes(Reader(bytes(out), what="t"))
+    if codes.size and codes.any():
+        assert np.array_equal(got, codes)
+    else:
+        assert got is None and bytes(out) == b"\x00"
+
+
+@pytest.mark.parametrize("blob", [b"\x02", b"\x01", b"\x01\x05", b"\x01\x03\x00\x29\x01"])
+def test_bad_token_code_blocks_are_format_errors(blob):
+    with pytest.raises(FormatError):
+        read_token_codes(Reader(blob, what="t"))
+
+
+def test_multipliers_are_quarter_octaves():
+    assert np.allclose(token_multipliers(np.array([0, 4, 8, 2], np.uint8)), [1, 2, 4, 2 ** 0.5])
+
+
+def test_token_steps_round_trip_and_coarser_where_coded():
+    model = tiny_model("llama")
+    profile = tiny_profile("llama")
+    _ids, cache = _cache(model)
+    layers = cache_layers(cache)
+    codes = np.zeros(64, np.uint8)
+    codes[10:40] = 12                                   # 8x coarser steps on tokens 10..39
+    table = {(i, kind): codes for i in range(len(layers)) for kind in ("keys", "values")}
+    plain = encode_with_codes(model, profile, cache, None)
+    soft = encode_with_codes(model, profile, cache, table)
+    assert len(soft) < len(plain)
+    header = seqkv.inspect(soft)
+    assert header["pipeline"]["quantizer"]["token_steps"] is True
+    assert "token_steps" not in seqkv.inspect(plain)["pipeline"]["quantizer"]   # old bytes unchanged
+    a, b = seqkv.decode(plain, profile=profile), seqkv.decode(soft, profile=profile)
+    for (k, v), lp, ls in zip(layers, a.layers, b.layers):
+        for x, yp, ys in ((k, lp.keys[0], ls.keys[0]), (v, lp.values[0], ls.values[0])):
+            err_plain, err_soft = (yp - x).pow(2).mean((0, 2)), (ys - x).pow(2).mean((0, 2))
+            assert err_soft[10:40].mean() > 4 * err_plain[10:40].mean()     # coarse where coded
+            assert torch.allclose(err_soft[40:], err_plain[40:], rtol=0.5, atol=1e-9) or \
+                err_soft[40:].mean() < 2 * err_plain[40:].mean() + 1e-12     # elsewhere about as before
+    # the decoder reproduces the encoder's reconstruction: a second decode is bit-identical
+    again = seqkv.decode(soft, profile=profile)
+    assert all(torch.equal(x.keys, y.keys) for x, y in zip(again.layers, b.layers))
+
+
+def test_a_section_whose_code_count_differs_from_its_tokens_is_refused():
+    model = tiny_model("llama")
+    profile = tiny_profile("llama")
+    _ids, cache = _cache(model)
+    codes = np.zeros(64, np.uint8)
+    codes[5:20] = 4
+    table = {(i, kind): codes for i in range(len(cache.layers)) for kind in ("keys", "values")}
+    blob = encode_with_codes(model, profile, cache, table)
+    reader = open_container(blob)
+    reader.use_profile(profile)
+    h = reader.header
+    ctx = TensorContext(layer=0, kind="keys", positions=torch.arange(h.tokens), layout=h.layout, state=reader.state)
+    parts = reader.pipeline.read_symbols(reader.section("layer.0.keys"), ctx, h.dtype, (h.kv_heads, h.tokens, h.head_dim))
+    assert parts.side.codes is not None and parts.side.codes.size == parts.symbols.shape[1]
+    with pytest.raises(FormatError, match="token step codes"):
+        reader.pipeline.quantizer.dequantize(torch.from_numpy(parts.symbols[:, 1:]), parts.side, ctx)
+
+
+def test_encode_soft_prunes_by_default_with_a_probe_and_never_without():
+    model = tiny_model("llama")
+    profile = tiny_profile("llama")
+    ids, cache = _cache(model, tokens=96)
+    for kwargs in (dict(token_ids=ids), dict(token_ids=ids, token_steps=True)):
+        soft = seqkv.encode(cache, model=model, profile=profile, target_kl=0.05, **kwargs)
+        assert seqkv.inspect(soft)["pipeline"]["quantizer"].get("token_steps") is True
+    for kwargs in (dict(token_ids=ids, token_steps=False), dict(closed_loop=False), dict(scale=0.05)):
+        plain = seqkv.encode(cache, model=model, profile=profile, **({"target_kl": 0.05} if "scale" not in kwargs
+                                                                     else {}), **kwargs)
+        assert "token_steps" not in seqkv.inspect(plain)["pipeline"]["quantizer"]
+    seqkv.decode(soft, profile=profile)
+
+
+@pytest.mark.parametrize("kwargs", [dict(closed_loop=False, token_steps=True), dict(scale=0.05, token_steps=True),
+                                    dict(target_kl=0.05, token_steps="yes")])
+def test_token_steps_needs_the_probe(kwargs):
+    model = tiny_model("llama")
+    ids, cache = _cache(model, tokens=96)
+    kwargs.setdefault("target_kl", None) if "scale" in kwargs else kwargs.setdefault("target_kl", 0.05)
+    with pytest.raises(ConfigError):
+        seqkv.encode(cache, model=model, profile=tiny_profile("llama"), token_ids=ids,
+                     **{k: v for k, v in kwargs.items() if v is not None})
+
+
+def test_codes_follow_attention_and_spare_sinks_and_important_tokens():
+    tokens = 300
+    rng = np.random.default_rng(0)
+    a = rng.lognormal(size=tokens)
+    codes = token_step_codes([a], sink_tokens=4, beta=0.5)[(0, "keys")]
+    body = slice(4, tokens)
+    assert (codes[:4] == 0).all()
+    order = np.argsort(a[body])
+    assert (np.diff(codes[body][order].astype(int)) <= 0).all()       # less attention -> coarser (not finer)
+    assert (codes[body][a[body] >= np.quantile(a[body], REFERENCE_QUANTILE)] == 0).all()
+    assert codes.max() > 0
+    with pytest.raises(ConfigError):
+        token_step_codes([a], 4, beta=-1)
+
+
+def test_the_probe_observes_the_tail_and_the_window_before_it():
+    model = tiny_model("llama")
+    ids, cache = _cache(model, tokens=80)
+    layers = cache_layers(cache)
+    from seqkv.kl_probe import TailProbe
+    from seqkv.layout import layout_from_model
+    probe = TailProbe(model, layers, torch.arange(80), ids, 20)
+    assert len(probe.queries) == len(layers) and probe.queries[0].shape[1] == 40
+    att = expected_attention(probe.queries, layers, 80, layout_from_model(model))
+    assert len(att) == len(layers) and att[0].shape == (80,)
+    assert all(np.isfinite(x).all() and (x >= 0).all() and x.sum() == pytest.approx(1.0) for x in att)
+    # the reference the probe measures against is the same with or without the observation
+    assert torch.allclose(probe.reference, TailProbe(model, layers, torch.arange(80), ids[-20:], 20).reference)
+    # only the tail's ids: the probe works, but observes nothing (token_steps=True then refuses)
+    assert TailProbe(model, layers, torch.arange(80), ids[-20:], 20).queries == {}
