@@ -88,7 +88,7 @@ def calibrated_search(pipeline: Pipeline, profile, layout, layers, layer_positio
                             token_steps=soft_body)
     if target.kind == "kl" and probe is not None:
         scale, kl, count = scale_for_measured_kl(measured_kl, target.value * kl_margin, kl_scale)
-        return container_at(scale, {"measured_kl": kl, "probe_tokens": probe.length, "measurements": count})
+        return container_at(scale, {"measured_kl": kl, "probe_tokens": probe.tokens, "measurements": count})
     if target.kind == "kl":
         return container_at(kl_scale)
     goal = target.value if target.kind == "max_bytes" else target.value * elements / 8

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
+from dataclasses import dataclass
 
 import torch
 
@@ -94,69 +95,88 @@ def recover_token_ids(model, layer0_keys: torch.Tensor, positions: torch.Tensor,
     return ids if bool((error <= RECOVERY_TOLERANCE).all()) else None
 
 
+@dataclass
+class ProbeWindow:
+    """``length`` cached tokens the model re-reads after the tokens before them: their ids, first index,
+    and the reference log-probabilities (from the original cache)."""
+    ids: torch.Tensor            # [1, length]
+    start: int
+    reference: torch.Tensor      # [length, vocab] log-softmax
+
+
 class TailProbe:
-    """The reference run of a cache's last ``length`` tokens, to measure decoded caches against.
+    """The reference runs of a cache's last tokens, to measure decoded caches against.
 
     ``layers``: the cache's per-layer (keys, values) [kv_heads, T, head_dim]; ``positions``: [T];
     ``token_ids``: the T tokens' ids (or at least the last ``length`` of them).
 
-    When the ids of the ``length`` tokens *before* the tail are given too (and the model has Llama-style
-    attention), the model also re-reads those after the tokens before them, and :attr:`queries` keeps the
-    pre-RoPE queries of both runs (layer -> [query_heads, 2 * length, head_dim]): soft pruning's model of
-    the queries to come (:mod:`seqkv.token_importance`)."""
+    The probe re-reads the last ``length`` tokens (the tail) and, when their ids are given too, the ``length``
+    tokens before them (after the tokens before *them*), and :meth:`mean_kl` is the larger of the two
+    windows' mean KL: a cache's tail alone can be easier than what follows it (stdlib_h: the tail read 0.6-0.9x
+    the target where the continuation read 1.1-1.7x, and the window before read 1.4-3.0x; docs/rate_control.md).
+    With a Llama-style model, :attr:`queries` keeps the pre-RoPE queries of both runs (layer ->
+    [query_heads, 2 * length, head_dim]): soft pruning's model of the queries to come
+    (:mod:`seqkv.token_importance`)."""
 
     def __init__(self, model, layers, positions: torch.Tensor, token_ids: torch.Tensor, length: int):
         tokens = layers[0][0].shape[1]
         if not 0 < length < tokens:
             raise ConfigError(f"a probe of {length} tokens does not fit a {tokens}-token cache")
         all_ids = torch.as_tensor(token_ids).reshape(-1).to(torch.long)
-        ids = all_ids[-length:]
-        if ids.numel() != length:
-            raise ConfigError(f"token_ids has {ids.numel()} ids; the probe needs the cache's last {length}")
+        if all_ids[-length:].numel() != length:
+            raise ConfigError(f"token_ids has {all_ids.numel()} ids; the probe needs the cache's last {length}")
         self.model, self.length, self.kept = model, length, tokens - length
         self.dtype = next(model.parameters()).dtype
-        self.ids = ids.unsqueeze(0)
-        self.position_ids = positions[self.kept:].to(torch.long).unsqueeze(0)
+        self.positions = positions.to(torch.long)
+        starts = [tokens - length]
+        if all_ids.numel() >= 2 * length and tokens - 2 * length > 0:
+            starts.append(tokens - 2 * length)
+        self.windows: list[ProbeWindow] = []
+        observed = []
+        for start in starts:
+            ids = all_ids[all_ids.numel() - (tokens - start):][:length].unsqueeze(0)
+            logits, queries = self._run(layers, ids, start, observe=True)
+            self.windows.append(ProbeWindow(ids, start, torch.log_softmax(logits, dim=-1)))
+            observed.append(queries)
         self.queries: dict = {}
-        window = self._observe(layers, all_ids[-2 * length:-length], positions) \
-            if all_ids.numel() >= 2 * length and self.kept > length else {}
-        tail = self._observe(layers, ids, positions, reference=True)
-        if window and tail:
-            self.queries = {layer: torch.cat([window[layer], tail[layer]], dim=1) for layer in tail}
+        if len(observed) == 2 and all(observed):
+            self.queries = {layer: torch.cat([observed[1][layer], observed[0][layer]], dim=1) for layer in observed[0]}
+
+    @property
+    def tokens(self) -> int:
+        """How many tokens the probe measures on (all its windows)."""
+        return self.length * len(self.windows)
 
     @torch.no_grad()
-    def _observe(self, layers, window_ids: torch.Tensor, positions: torch.Tensor, reference: bool = False) -> dict:
-        """The pre-RoPE queries (layer -> [query_heads, n, head_dim]) of the model re-reading ``window_ids``
-        (the tail when ``reference``, which also sets :attr:`reference`; else the ``length`` tokens before
-        it) after the tokens before them; {} for a model without Llama-style attention."""
-        from .pruning.observe import QueryObserver   # the pruning package loads only when a probe observes
-
-        end = self.kept + (self.length if reference else 0)
-        start = end - self.length
-        observer = QueryObserver()
+    def _run(self, layers, ids: torch.Tensor, start: int, observe: bool = False):
+        """(logits [length, vocab], pre-RoPE queries or {}) of the model re-reading ``ids`` after ``layers``'
+        first ``start`` tokens."""
         context = build_cache([(k[:, :start], v[:, :start]) for k, v in layers], dtype=self.dtype)
-        try:
-            with observer.attach(self.model):
-                out = self.model(window_ids.reshape(1, -1), **with_cache(self.model, context),
-                                 position_ids=positions[start:end].to(torch.long).unsqueeze(0), use_cache=True)
-        except ConfigError:   # not a Llama-style model: nothing to observe (the probe itself still works)
-            if reference:
-                self.reference = torch.log_softmax(self._logits(layers), dim=-1)
-            return {}
-        if reference:
-            self.reference = torch.log_softmax(out.logits[0].float(), dim=-1)
-        return observer.queries
+        kwargs = dict(**with_cache(self.model, context), use_cache=True,
+                      position_ids=self.positions[start:start + ids.shape[1]].unsqueeze(0))
+        if observe:
+            from .pruning.observe import QueryObserver   # the pruning package loads only when a probe observes
 
-    @torch.no_grad()
-    def _logits(self, layers) -> torch.Tensor:
-        context = build_cache([(k[:, :self.kept], v[:, :self.kept]) for k, v in layers], dtype=self.dtype)
-        out = self.model(self.ids, **with_cache(self.model, context), position_ids=self.position_ids, use_cache=True)
-        return out.logits[0].float()
+            observer = QueryObserver()
+            try:
+                with observer.attach(self.model):
+                    return self.model(ids, **kwargs).logits[0].float(), observer.queries
+            except ConfigError:   # not a Llama-style model: nothing to observe (the probe itself still works)
+                pass
+        return self.model(ids, **kwargs).logits[0].float(), {}
+
+    def window_kls(self, decoded_layers) -> list[float]:
+        """Mean KL(reference || decoded) over each window's tokens (the tail first)."""
+        out = []
+        for window in self.windows:
+            test = torch.log_softmax(self._run(decoded_layers, window.ids, window.start)[0], dim=-1)
+            ref = window.reference
+            out.append(float((ref.exp() * (ref - test)).sum(-1).clamp_min(0.0).mean()))
+        return out
 
     def mean_kl(self, decoded_layers) -> float:
-        """Mean KL(reference || decoded) over the probe's tokens, for the decoded per-layer tensors."""
-        test = torch.log_softmax(self._logits(decoded_layers), dim=-1)
-        return float((self.reference.exp() * (self.reference - test)).sum(-1).clamp_min(0.0).mean())
+        """The larger of the windows' mean KL(reference || decoded), for the decoded per-layer tensors."""
+        return max(self.window_kls(decoded_layers))
 
 
 def tail_probe(model, layers, positions: torch.Tensor, layout, token_ids=None) -> tuple[TailProbe | None, str]:

@@ -110,7 +110,7 @@ def test_closed_loop_encode_records_the_kl_it_measured():
     ids, cache = _prefill(model, 160)
     blob = seqkv.encode(cache, model=model, profile=profile, target_kl=0.01)
     rc = seqkv.inspect(blob)["rate_control"]
-    assert rc["probe_tokens"] == 40 and 1 <= rc["measurements"]
+    assert rc["probe_tokens"] == 80 and 1 <= rc["measurements"]   # the tail (40) and the 40 tokens before it
     assert rc["measured_kl"] <= 0.01
     # the same probe, built here from the known ids, measures the same KL on the decoded cache
     probe = TailProbe(model, cache_layers(cache), torch.arange(160), ids, 40)
