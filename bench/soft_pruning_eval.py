@@ -7,8 +7,9 @@ For each text (design notes §5: SmolLM2-135M-Instruct, P=2048, C=256, fp16 cach
 scale, the calibrated codec (shipped profile) codes the cache with per-token step codes from one importance
 estimate (``seqkv.token_importance.token_step_codes``: beta 0.35, reference quantile 0.99), and reports the
 ratio (every container byte), the mean KL of the teacher-forced continuation (what the user gets) and the
-mean KL on the closed-loop probe (the cache's last 256 tokens, what rate control steers by), and their
-quotient ``c/p``.  A closed loop lands the *probe* at the target, so ``c/p`` is how far the continuation
+mean KL on the closed-loop probe's tail (the cache's last 256 tokens; ``probe_kl_both_windows`` in the JSON
+is what rate control steers by now, the larger of the tail's and the 256 tokens' before it), and the
+quotient ``c/p`` of the continuation's and the tail's.  A closed loop lands the *probe* at the target, so ``c/p`` is how far the continuation
 lands from it: an estimate is usable only if ``c/p`` stays near what it is without soft pruning.
 
 Estimates (a_t per layer and token):
@@ -35,15 +36,13 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
 import seqkv  # noqa: E402
-from seqkv.calibrated_encoder import calibrated_search, calibrated_setup  # noqa: E402
-from seqkv.codec import _write  # noqa: E402
 from seqkv.embedded_model import load_embedded_model  # noqa: E402
 from seqkv.format.reader import open_container  # noqa: E402
-from seqkv.hf_adapter import cache_layers  # noqa: E402
+from seqkv.codec import encode_with_token_steps  # noqa: E402
+from seqkv.hf_adapter import build_cache, cache_layers  # noqa: E402
 from seqkv.kl_probe import TailProbe, probe_length  # noqa: E402
 from seqkv.layout import layout_for_cache  # noqa: E402
 from seqkv.quality import QualityProbe  # noqa: E402
-from seqkv.rate_control import parse_target  # noqa: E402
 from seqkv.stages.rope import apply_rope  # noqa: E402
 from seqkv.token_importance import SoftSteps, attention_weights, expected_attention, token_step_codes  # noqa: E402
 
@@ -91,14 +90,7 @@ def estimates(probe: TailProbe, layers, positions, layout) -> dict:
 
 
 def encode_at(profile, model, layers, scale: float, soft) -> bytes:
-    pos = torch.arange(layers[0][0].shape[1])
-    pipeline, layout = calibrated_setup(profile, model, None, layers, 1.0, {"token_steps": soft is not None})
-
-    def write(sections, ref, rate_control):
-        return _write(sections, pipeline, layout, layers, "float16", pos, profile=ref, rate_control=rate_control)
-
-    return calibrated_search(pipeline, profile, layout, layers, [pos] * len(layers), parse_target(scale=scale), 1.0,
-                             write, elements=len(layers) * 2 * layers[0][0].numel(), soft=soft)
+    return encode_with_token_steps(build_cache(layers), profile, soft, scale=scale, model=model)
 
 
 def main(argv=None) -> int:
@@ -129,11 +121,12 @@ def main(argv=None) -> int:
                 blob = encode_at(profile, model, layers, scale, soft)
                 reader = open_container(blob)
                 reader.use_profile(profile)
-                probe_kl = probe.mean_kl([reader.layer(i) for i in range(reader.header.layers)])
+                window_kls = probe.window_kls([reader.layer(i) for i in range(reader.header.layers)])
+                probe_kl = window_kls[0]   # the tail (the probe before the second window was added)
                 report = quality.score(seqkv.decode(blob, profile=profile))
                 row = {"text": os.path.basename(path), "estimate": name, "scale": scale,
                        "ratio": seqkv.inspect(blob)["ratio_vs_fp16"], "continuation_kl": report.mean_kl,
-                       "top1": report.top1_agreement, "probe_kl": probe_kl,
+                       "top1": report.top1_agreement, "probe_kl": probe_kl, "probe_kl_both_windows": max(window_kls),
                        "c_over_p": report.mean_kl / max(probe_kl, 1e-12)}
                 print(json.dumps(row), flush=True)
                 rows.append(row)

@@ -154,10 +154,10 @@ def _encode_options(args) -> dict:
         if args.target_kl is None and (args.profile is None or targets):
             raise SeqKVError("--open-loop is for --target-kl (a rate or byte target is met exactly either way)")
         targets["closed_loop"] = False
-    if getattr(args, "uniform_tokens", False):
+    if getattr(args, "soft_prune", False):
         if args.target_kl is None and (args.profile is None or targets):
-            raise SeqKVError("--uniform-tokens is for --target-kl (soft pruning reads the closed loop's probe)")
-        targets["token_steps"] = False
+            raise SeqKVError("--soft-prune is for --target-kl (soft pruning reads the closed loop's probe)")
+        targets["token_steps"] = True
     if args.profile is None:
         if targets:   # the calibrated codec with the profile seqkv ships for the model
             if args.preset is not None or args.step is not None:
@@ -208,9 +208,10 @@ def _add_encode_options(parser) -> None:
                                                         "cache's own last tokens (default 0.01 with --profile)")
     parser.add_argument("--open-loop", action="store_true", help="with --target-kl: the profile's predicted KL only "
                                                                  "(faster; nothing measured, docs/rate_control.md)")
-    parser.add_argument("--uniform-tokens", action="store_true",
-                        help="with --target-kl: every token gets the same steps (no soft pruning: the closed loop "
-                             "otherwise coarsens the tokens attention reads least, docs/soft_pruning.md)")
+    parser.add_argument("--soft-prune", action="store_true",
+                        help="with --target-kl: coarser steps for the tokens attention is expected to read least "
+                             "(higher ratio at the measured target; later copies of early passages suffer; "
+                             "docs/soft_pruning.md)")
     parser.add_argument("--bits-per-element", type=float, help="the calibrated codec: the rate to meet instead")
     parser.add_argument("--max-bytes", type=int, help="the calibrated codec: a byte budget the container never exceeds")
 

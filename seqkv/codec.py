@@ -64,8 +64,9 @@ def encode(cache, *, preset: str | None = None, model=None, config=None, positio
     ``token_steps`` (calibrated, closed loop; soft pruning, docs/soft_pruning.md): the tokens that the queries
     to come are expected to attend to least (kvpress's expected attention, from the queries the probe
     observed) get coarser steps (``2 ** (code / 4)`` times, per token and layer, in the container), and the
-    closed loop then meets ``target_kl`` as before.  ``None`` (default): on whenever the loop is closed;
-    ``True``: on or ConfigError; ``False``: every token gets the same steps.
+    closed loop then meets ``target_kl`` as before.  ``True``: on (ConfigError without a closed loop);
+    ``None`` (default) and ``False``: every token gets the same steps (soft pruning raises the ratio at the
+    measured target, but a later copy of an early passage then reads 4-11x the KL).
     """
     if preset is not None and not isinstance(preset, str):
         raise ConfigError(f"preset must be a string, got {type(preset).__name__}")
@@ -121,6 +122,24 @@ def encode(cache, *, preset: str | None = None, model=None, config=None, positio
             ctx = TensorContext(layer=i, kind=kind, positions=pos, layout=layout)
             sections[section_name(i, kind)] = pipeline.encode_tensor(x.cpu(), ctx, dtype_name)
     return _write(sections, pipeline, layout, layers, dtype_name, pos)
+
+
+def encode_with_token_steps(cache, profile, soft, *, scale: float, model=None, config=None) -> bytes:
+    """A calibrated container of a plain cache at a fixed ``scale`` with the given per-token steps ``soft`` (a
+    :class:`seqkv.token_importance.SoftSteps`, or None for uniform steps): for tests, golden files and
+    experiments that need chosen codes.  :func:`encode` chooses them itself (``token_steps=True``)."""
+    layers = cache_layers(cache)
+    dtype_name = SUPPORTED_DTYPES[layers[0][0].dtype]
+    pos = positions_of(None, layers[0][0].shape[1])
+    target = parse_target(scale=scale)
+    pipeline, layout = calibrated_setup(profile, model, config, layers, DEFAULT_KL_MARGIN,
+                                        {"token_steps": True} if soft is not None else {})
+
+    def write(sections, profile_ref, rate_control):
+        return _write(sections, pipeline, layout, layers, dtype_name, pos, profile=profile_ref, rate_control=rate_control)
+
+    return calibrated_search(pipeline, profile, layout, layers, [pos] * len(layers), target, DEFAULT_KL_MARGIN, write,
+                             elements=len(layers) * 2 * layers[0][0].numel(), soft=soft)
 
 
 def _write(sections: dict, pipeline, layout, layers, dtype_name, pos, **header_fields) -> bytes:

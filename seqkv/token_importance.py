@@ -111,15 +111,14 @@ def attention_weights(attention: list[np.ndarray]) -> dict:
 
 
 def soft_steps(token_steps, probe, layers, positions: torch.Tensor, layout, sink_tokens: int) -> SoftSteps | None:
-    """What an encode uses (None: soft pruning off).  ``token_steps``: None = on when the closed-loop probe
-    observed the model's queries, True = on or ConfigError, False = off."""
+    """What an encode uses (None: soft pruning off).  ``token_steps``: True = on, or ConfigError when the
+    closed-loop probe observed no queries; None (the default) or False = off (docs/soft_pruning.md: it
+    raises the ratio at the measured target but makes a later copy of an early passage read 4-11x the KL)."""
     if token_steps is not None and not isinstance(token_steps, bool):
         raise ConfigError(f"token_steps must be True, False or None, got {token_steps!r}")
-    if token_steps is False:
+    if not token_steps:
         return None
     if probe is None or not getattr(probe, "queries", None):
-        if token_steps is None:
-            return None
         raise ConfigError("token_steps=True models the queries the closed-loop probe observes: it needs a "
                           "target_kl, model= a model that runs (Llama-style attention), closed_loop not False "
                           "and a cache of at least 4 x 16 tokens")

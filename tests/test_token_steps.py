@@ -7,13 +7,11 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import seqkv
-from seqkv.calibrated_encoder import calibrated_search, calibrated_setup
-from seqkv.codec import _write
+from seqkv.codec import encode_with_token_steps
 from seqkv.errors import ConfigError, FormatError, SeqKVError
 from seqkv.format.reader import open_container
 from seqkv.hf_adapter import cache_layers
 from seqkv.model_calls import cache_of
-from seqkv.rate_control import parse_target
 from seqkv.stages.base import TensorContext
 from seqkv.stages.quantize_klt import (
     MAX_TOKEN_CODE, read_token_codes, token_multipliers, write_token_codes,
@@ -24,18 +22,9 @@ from conftest import tiny_model, tiny_profile
 
 
 def encode_with_codes(model, profile, cache, codes, scale=0.05):
-    """A calibrated container at a fixed scale with the given step codes (the encoder's inner entry)."""
-    layers = cache_layers(cache)
-    pos = torch.arange(layers[0][0].shape[1])
-    pipeline, layout = calibrated_setup(profile, model, None, layers, 1.0, {"token_steps": codes is not None})
-
-    def write(sections, ref, rate_control):
-        return _write(sections, pipeline, layout, layers, "float32", pos, profile=ref, rate_control=rate_control)
-
-    return calibrated_search(pipeline, profile, layout, layers, [pos] * len(layers),
-                             parse_target(None, None, None, scale), 1.0, write,
-                             elements=len(layers) * 2 * layers[0][0].numel(),
-                             soft=None if codes is None else uniform_weights(codes))
+    """A calibrated container at a fixed scale with the given step codes (None: uniform steps)."""
+    return encode_with_token_steps(cache, profile, None if codes is None else uniform_weights(codes), scale=scale,
+                                   model=model)
 
 
 @torch.no_grad()
@@ -111,16 +100,14 @@ def test_a_section_whose_code_count_differs_from_its_tokens_is_refused():
         reader.pipeline.quantizer.dequantize(torch.from_numpy(parts.symbols[:, 1:]), parts.side, ctx)
 
 
-def test_encode_soft_prunes_by_default_with_a_probe_and_never_without():
+def test_encode_soft_prunes_when_asked_and_only_then():
     model = tiny_model("llama")
     profile = tiny_profile("llama")
     ids, cache = _cache(model, tokens=96)
-    for kwargs in (dict(token_ids=ids), dict(token_ids=ids, token_steps=True)):
-        soft = seqkv.encode(cache, model=model, profile=profile, target_kl=0.05, **kwargs)
-        assert seqkv.inspect(soft)["pipeline"]["quantizer"].get("token_steps") is True
-    for kwargs in (dict(token_ids=ids, token_steps=False), dict(closed_loop=False), dict(scale=0.05)):
-        plain = seqkv.encode(cache, model=model, profile=profile, **({"target_kl": 0.05} if "scale" not in kwargs
-                                                                     else {}), **kwargs)
+    soft = seqkv.encode(cache, model=model, profile=profile, target_kl=0.05, token_ids=ids, token_steps=True)
+    assert seqkv.inspect(soft)["pipeline"]["quantizer"].get("token_steps") is True
+    for kwargs in (dict(token_ids=ids), dict(token_ids=ids, token_steps=False), dict(closed_loop=False)):
+        plain = seqkv.encode(cache, model=model, profile=profile, target_kl=0.05, **kwargs)
         assert "token_steps" not in seqkv.inspect(plain)["pipeline"]["quantizer"]
     seqkv.decode(soft, profile=profile)
 
@@ -163,6 +150,8 @@ def test_the_probe_observes_the_tail_and_the_window_before_it():
     assert len(att) == len(layers) and att[0].shape == (80,)
     assert all(np.isfinite(x).all() and (x >= 0).all() and x.sum() == pytest.approx(1.0) for x in att)
     # the reference the probe measures against is the same with or without the observation
-    assert torch.allclose(probe.reference, TailProbe(model, layers, torch.arange(80), ids[-20:], 20).reference)
+    tail_only = TailProbe(model, layers, torch.arange(80), ids[-20:], 20)
+    assert torch.allclose(probe.windows[0].reference, tail_only.windows[0].reference)
+    assert len(probe.windows) == 2 and len(tail_only.windows) == 1 and probe.tokens == 40
     # only the tail's ids: the probe works, but observes nothing (token_steps=True then refuses)
-    assert TailProbe(model, layers, torch.arange(80), ids[-20:], 20).queries == {}
+    assert tail_only.queries == {}

@@ -54,25 +54,13 @@ def encode_with_token_codes(model, cache, profile, scale, codes_of) -> bytes:
     """A calibrated container with the given per-token step codes (seqkv.encode chooses them from attention
     only in closed loop; a golden file needs fixed ones)."""
     import numpy as np
-    from seqkv.calibrated_encoder import calibrated_search, calibrated_setup
-    from seqkv.codec import _write
-    from seqkv.hf_adapter import SUPPORTED_DTYPES, cache_layers
-    from seqkv.rate_control import parse_target
+    from seqkv.codec import encode_with_token_steps
     from seqkv.token_importance import uniform_weights
 
-    layers = cache_layers(cache)
-    tokens = layers[0][0].shape[1]
-    pos = torch.arange(tokens)
-    codes = {(i, kind): np.array(codes_of(i, tokens), np.uint8) for i in range(len(layers)) for kind in ("keys", "values")}
-    pipeline, layout = calibrated_setup(profile, model, None, layers, 1.0, {"token_steps": True})
-
-    def write(sections, ref, rate_control):
-        return _write(sections, pipeline, layout, layers, SUPPORTED_DTYPES[layers[0][0].dtype], pos, profile=ref,
-                      rate_control=rate_control)
-
-    return calibrated_search(pipeline, profile, layout, layers, [pos] * len(layers), parse_target(None, None, None, scale),
-                             1.0, write, elements=len(layers) * 2 * layers[0][0].numel(),
-                             soft=None if codes is None else uniform_weights(codes))
+    tokens = cache.layers[0].keys.shape[2]
+    codes = {(i, kind): np.array(codes_of(i, tokens), np.uint8) for i in range(len(cache.layers))
+             for kind in ("keys", "values")}
+    return encode_with_token_steps(cache, profile, uniform_weights(codes), scale=scale, model=model)
 
 
 def main():
