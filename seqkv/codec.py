@@ -106,13 +106,8 @@ def encode(cache, *, preset: str | None = None, model=None, config=None, positio
         if soft is not None:
             pipeline, layout = calibrated_setup(profile, model, config, layers, kl_margin, {**options, "token_steps": True})
 
-        def write(sections, profile_ref, rate_control):
-            return _write(sections, pipeline, layout, layers, dtype_name, pos,
-                          profile=profile_ref, rate_control=rate_control)
-
-        return calibrated_search(pipeline, profile, layout, layers, [pos] * len(layers), target, kl_margin, write,
-                                 elements=len(layers) * 2 * layers[0][0].numel(), progress=progress, probe=probe,
-                                 soft=soft)
+        return _calibrated_container(layers, dtype_name, pos, pipeline, layout, profile, target, kl_margin,
+                                     progress=progress, probe=probe, soft=soft)
     preset = "balanced" if preset is None else preset
     pipeline = Pipeline(pipeline_config(preset, **options))
     layout = layout_for_cache(model, config, layers, pipeline.lossless)
@@ -134,12 +129,17 @@ def encode_with_token_steps(cache, profile, soft, *, scale: float, model=None, c
     target = parse_target(scale=scale)
     pipeline, layout = calibrated_setup(profile, model, config, layers, DEFAULT_KL_MARGIN,
                                         {"token_steps": True} if soft is not None else {})
+    return _calibrated_container(layers, dtype_name, pos, pipeline, layout, profile, target, DEFAULT_KL_MARGIN, soft=soft)
 
+
+def _calibrated_container(layers, dtype_name, pos, pipeline, layout, profile, target, kl_margin, **search) -> bytes:
+    """A plain cache's calibrated container: :func:`calibrated_search` writing through :func:`_write`
+    (``search``: its ``progress``, ``probe`` and ``soft``)."""
     def write(sections, profile_ref, rate_control):
         return _write(sections, pipeline, layout, layers, dtype_name, pos, profile=profile_ref, rate_control=rate_control)
 
-    return calibrated_search(pipeline, profile, layout, layers, [pos] * len(layers), target, DEFAULT_KL_MARGIN, write,
-                             elements=len(layers) * 2 * layers[0][0].numel(), soft=soft)
+    return calibrated_search(pipeline, profile, layout, layers, [pos] * len(layers), target, kl_margin, write,
+                             elements=len(layers) * 2 * layers[0][0].numel(), **search)
 
 
 def _write(sections: dict, pipeline, layout, layers, dtype_name, pos, **header_fields) -> bytes:

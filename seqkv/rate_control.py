@@ -119,7 +119,7 @@ def subsample(bodies: dict, tokens: int = SUBSAMPLE_TOKENS, positions: dict | No
     tokens; returns ``(bodies, positions)`` then."""
     if positions is None:
         return {key: z[:, ::stride_for(z.shape[1], tokens)].contiguous() for key, z in bodies.items()}
-    stride = max(1, min(z.shape[1] for z in bodies.values()) // tokens)
+    stride = stride_for(min(z.shape[1] for z in bodies.values()), tokens)
     out, out_pos = {}, {}
     for key, z in bodies.items():
         keep = positions[key] % stride == 0
