@@ -5,7 +5,7 @@ import numpy as np
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-MODULES = ["ans_tables", "ans", "ans_encode", "context_sections", "crc32c", "bitpack", "trie", "predict", "quantize", "varint", "rope", "channels"]
+MODULES = ["ans_tables", "ans", "ans_encode", "context_sections", "crc32c", "bitpack", "trie", "predict", "quantize", "varint", "rope", "channels", "repeat"]
 COMPILE_ARGS = ["/O2"] if sys.platform == "win32" else ["-O3", "-ffp-contract=off"]
 
 extensions = [

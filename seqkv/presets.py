@@ -72,13 +72,14 @@ def pipeline_config(preset: str, **options) -> dict:
 
 
 CALIBRATED_PRESET = "calibrated"
-CALIBRATED_OPTION_NAMES = ("rounding", "predict", "cross_layer", "token_steps")
+CALIBRATED_OPTION_NAMES = ("rounding", "predict", "cross_layer", "token_steps", "repeat")
 
 
 def calibrated_pipeline_config(sink_tokens: int, **options) -> dict:
     """The pipeline of the calibrated codec (used with a model profile): pre-RoPE keys, the
     profile's per-layer KLT, profile-scaled uniform steps with cross-layer prediction, temporal
-    prediction, context ANS.  ``predict`` / ``cross_layer`` switch the two predictors off."""
+    prediction with repeat prediction, context ANS.  ``predict`` / ``cross_layer`` switch the two
+    predictors off, ``repeat`` the temporal predictor's repeat mode (format 1.4)."""
     unknown = set(options) - set(CALIBRATED_OPTION_NAMES)
     if unknown:
         raise ConfigError(f"unknown option(s) {sorted(unknown)} with a profile; known: "
@@ -86,7 +87,9 @@ def calibrated_pipeline_config(sink_tokens: int, **options) -> dict:
     predict = options.get("predict", True)
     cross_layer = options.get("cross_layer", True)
     token_steps = options.get("token_steps", False)
-    for name, value in (("predict", predict), ("cross_layer", cross_layer), ("token_steps", token_steps)):
+    repeat = options.get("repeat", predict)
+    for name, value in (("predict", predict), ("cross_layer", cross_layer), ("token_steps", token_steps),
+                        ("repeat", repeat)):
         if not isinstance(value, bool):
             raise ConfigError(f"{name} must be True or False, got {value!r}")
     cfg = {
@@ -98,6 +101,9 @@ def calibrated_pipeline_config(sink_tokens: int, **options) -> dict:
         # spreads; 6 codes 0.23 % smaller at target_kl=0.01 on SmolLM2 (docs/rate_distortion.md)
         "coder": {"id": "context_ans", "classes_per_octave": 6},
     }
+    if repeat and not predict:
+        raise ConfigError("repeat=True is a mode of the temporal predictor: it needs predict=True")
     if predict:
-        cfg["predictor"] = {"id": "temporal_ar"}
+        # repeat prediction: a token that repeats an earlier run of tokens is predicted from it (format 1.4)
+        cfg["predictor"] = {"id": "temporal_ar", **({"repeat": True} if repeat else {})}
     return cfg

@@ -91,7 +91,7 @@ def read_container(blob: bytes):
     pipeline checked on the way."""
     assert len(blob) >= PREAMBLE.size == 20
     magic, major, minor, flags, n, crc = PREAMBLE.unpack_from(blob, 0)
-    assert magic == MAGIC and major == 1 and minor <= 3
+    assert magic == MAGIC and major == 1 and minor <= 4
     assert flags & 0xFFFE == 0
     assert n <= 1 << 20 and 20 + n <= len(blob)
     raw = blob[20:20 + n]
@@ -124,7 +124,8 @@ def check_container(blob: bytes):
     CONTAINER_VALIDATOR.validate(header)
     pruned = bool(flags & FLAG_PRUNED)
     assert pruned == ("pruning" in header)
-    assert minor == (3 if header["pipeline"].get("quantizer", {}).get("token_steps") else
+    assert minor == (4 if (header["pipeline"].get("predictor") or {}).get("repeat") else
+                     3 if header["pipeline"].get("quantizer", {}).get("token_steps") else
                      2 if pruned and _has_profile_stage(header["pipeline"]) else
                      1 if pruned or _has_profile_stage(header["pipeline"]) else 0)
     model = header["model"]
@@ -160,7 +161,7 @@ def test_golden_files_cover_every_version():
     for path in GOLDEN:
         minor, _, _, _ = read_container(_golden(path))
         versions.add(minor)
-    assert versions == {0, 1, 2, 3}
+    assert versions == {0, 1, 2, 3, 4}
 
 
 @pytest.mark.parametrize("path", GOLDEN, ids=os.path.basename)
@@ -759,6 +760,37 @@ def undo_temporal(cols: np.ndarray, k) -> np.ndarray:
     return out
 
 
+def spec_longest_matches(ids, max_candidates=64, max_len=32):
+    """§6.5: per token, the earlier position with the longest run of equal ids ending there (at most max_len),
+    among the max_candidates most recent earlier occurrences of the token's id; ties: the most recent."""
+    src, length, seen = [], [], {}
+    for t, i in enumerate(ids):
+        best, best_s = 0, -1
+        for s in list(reversed(seen.get(i, [])))[:max_candidates]:
+            L = 1
+            while L < max_len and s - L >= 0 and ids[t - L] == ids[s - L]:
+                L += 1
+            if L > best:
+                best, best_s = L, s
+        src.append(best_s)
+        length.append(best)
+        seen.setdefault(i, []).append(t)
+    return src, length
+
+
+def undo_repeat(cols, k, use, src, length, min_len):
+    out = cols.copy()
+    for c in range(out.shape[0]):
+        prev = 0
+        for t in range(out.shape[1]):
+            if use[c] and length[t] >= min_len:
+                prev = int(out[c, t]) + int(out[c, src[t]])
+            else:
+                prev = int(out[c, t]) + (k[c] * prev + 2) // 4
+            out[c, t] = prev
+    return out
+
+
 def _dtype_bits(dtype):
     return {"float16": ("<u2", torch.int16, torch.float16), "bfloat16": ("<u2", torch.int16, torch.bfloat16),
             "float32": ("<u4", torch.int32, torch.float32)}[dtype]
@@ -815,16 +847,37 @@ def spec_decode_section(payload, header, layer, kind, positions, chain, profile)
                 assert codes.max() <= 40
                 mult = np.exp2(codes.astype(np.float32) / np.float32(4)).astype(np.float32)
                 SPEC_STATS["token-step coded tokens"] += int((codes > 0).sum())
-    k = None
-    if pipe.get("predictor"):
+    k = repeat = None
+    predictor = pipe.get("predictor") or {}
+    if predictor:
         mode = r.u8()
-        assert mode in (0, 1)
-        k = list(r.take(heads * dim)) if mode else None
+        assert mode in ((0, 1, 2, 3) if predictor.get("repeat") else (0, 1))
+        min_len = r.u8() if mode >= 2 else None
+        k = [0] * (heads * dim) if mode == 2 else list(r.take(heads * dim)) if mode else None
+        if mode >= 2:   # §6.5, format 1.4: repeat prediction (mode 2: other tokens plain; 3: lag-1 predicted)
+            assert 1 <= min_len <= 32
+            repeat = (min_len, unpack_bits(r.take((heads * dim + 7) // 8), 1, heads * dim))
         SPEC_STATS["temporal_ar predicted components"] += sum(1 for v in (k or []) if v)
     q = read_context_ans(r, heads * dim, n)
     r.end()
-    if k is not None:
+    if repeat is not None:
+        body_pos = list(positions[sinks:])
+        rmap = chain.get("repeat_map")
+        assert layer > 0 and rmap is not None and rmap[0] == body_pos
+        q = undo_repeat(q, k, repeat[1], rmap[1], rmap[2], repeat[0])
+        SPEC_STATS["repeat predicted components"] += sum(repeat[1])
+    elif k is not None:
         q = undo_temporal(q, k)
+    if predictor.get("repeat") and layer == 0:   # §6.5: layer 0's symbols give the repeat map
+        if kind == "keys":
+            chain["repeat_sym"], chain["repeat_map"] = {}, None
+        chain.setdefault("repeat_sym", {})[kind] = q
+        if len(chain["repeat_sym"]) == 2:
+            rows = [tuple(chain["repeat_sym"]["keys"][:, t]) + tuple(chain["repeat_sym"]["values"][:, t])
+                    for t in range(n)]
+            ids = {}
+            token = [ids.setdefault(row, len(ids)) for row in rows]
+            chain["repeat_map"] = (list(positions[sinks:]), *spec_longest_matches(token))
     q32 = q.astype(np.float32)                                                       # [H*D, n], c = h*D + d
     if quant["id"] == "uniform":
         y = q32 * steps[:, None]
@@ -987,3 +1040,11 @@ def test_the_document_alone_decodes_temporal_and_cross_layer_prediction(tmp_path
         assert SPEC_STATS["temporal_ar predicted components"] > 0
     assert SPEC_STATS["cross-layer predicted components"] > 0
     assert SPEC_STATS["klt"] == SPEC_STATS["prerope"] == 4
+
+
+def test_the_document_alone_decodes_repeat_prediction():
+    """The 1.4 golden file repeats a passage six times: layer 1's sections predict the repeats (§6.5)."""
+    path = os.path.join(HERE, "golden", "v1_4_calibrated_fp16_repeat.skv")
+    SPEC_STATS.clear()
+    _compare_spec_decode(_golden(path), path.replace(".skv", ".profile.safetensors"))
+    assert SPEC_STATS["repeat predicted components"] > 0

@@ -29,7 +29,10 @@ def test_layer_uniform_pruning_round_trips_with_a_profile(level):
     pruned = p.prune(cache, model=model)
     blob = seqkv.encode(cache, model=model, profile=profile, prune=p, target_kl=0.01)
     info = seqkv.inspect(blob)
-    assert info["format_version"] == "1.2" and info["pipeline"]["preset"] == "calibrated"
+    # pruned and calibrated is 1.2; the calibrated codec's repeat prediction (on by default) makes it 1.4
+    assert info["format_version"] == "1.4" and info["pipeline"]["preset"] == "calibrated"
+    assert seqkv.inspect(seqkv.encode(cache, model=model, profile=profile, prune=p, target_kl=0.01,
+                                      repeat=False))["format_version"] == "1.2"
     assert info["pruning"]["source_tokens"] == 160 and info["profile"]["sha256"] == profile.hash
     assert info["rate_control"]["target"] == {"kl": 0.01}
     decoded = seqkv.decode(blob, profile=profile, model=model)
@@ -109,7 +112,7 @@ def test_max_bytes_and_bits_per_element_with_pruning(fraction):
 
 def test_readers_refuse_a_wrong_or_newer_minor():
     model, cache, profile = setup(tokens=40)
-    blob = bytearray(seqkv.encode(cache, model=model, profile=profile, prune=layer_pruner(), scale=0.03))
+    blob = bytearray(seqkv.encode(cache, model=model, profile=profile, prune=layer_pruner(), scale=0.03, repeat=False))
     assert blob[9] == 2
     blob[9] = 1  # the minor byte is outside every checksum
     with pytest.raises(DecodeError, match="preamble says format 1.1"):

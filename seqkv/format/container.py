@@ -17,7 +17,7 @@ from ..errors import ChecksumError, FormatError, UnsupportedVersionError
 
 MAGIC = b"\x89SEQKV\r\n"          # 8 bytes; the high byte and CR/LF catch text-mode mangling
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 3                     # 1.1 adds the PRUNED flag and the calibrated codec; 1.2 both in one container; 1.3 per-token steps (klt_uniform token_steps)
+FORMAT_MINOR = 4                     # 1.1 adds the PRUNED flag and the calibrated codec; 1.2 both in one container; 1.3 per-token steps (klt_uniform token_steps); 1.4 repeat prediction (temporal_ar repeat)
 PREAMBLE = struct.Struct("<8sBBHII")  # magic, major, minor, flags, header_length, header_crc32c
 PREAMBLE_SIZE = PREAMBLE.size        # 20
 FLAG_PRUNED = 0x0001                 # since 1.1: per-layer kept positions, ragged per head (docs/format.md §9)

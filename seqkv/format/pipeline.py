@@ -62,6 +62,8 @@ class Pipeline:
         self.needs_profile = any(stage.reads_profile for stage in stages)
         # a section that depends on the previous layer's (cross-layer prediction)
         self.cross_layer = bool(getattr(self.quantizer, "cross_layer", False))
+        # repeat prediction reads layer 0's symbols: a section then needs layer 0 decoded first
+        self.repeat = bool(getattr(self.predictor, "repeat", False))
         # the lowest container minor that defines every stage used (seqkv.format.header.required_minor)
         self.min_minor = max(stage.min_minor for stage in stages)
 

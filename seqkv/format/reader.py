@@ -156,8 +156,9 @@ class ContainerReader:
             raise FormatError(f"{section_name(i, kind)}: cannot decode: {exc}") from None
 
     def _chain_up_to(self, i: int) -> None:
-        """A chained section needs the previous layer's reconstruction: decode the missing ones in order."""
-        if not self.pipeline.cross_layer or i == 0:
+        """A chained section needs the previous layer's reconstruction (and a repeat-predicted one layer 0's
+        symbols): decode the missing ones in order."""
+        if not (self.pipeline.cross_layer or self.pipeline.repeat) or i == 0:
             return
         chain = self.state.chain
         if all(chain.get(k, (-1,))[0] == i - 1 for k in KINDS):

@@ -48,6 +48,9 @@ class CodingState:
     token_codes: dict | None = None
     # and (layer, kind) -> float [tokens]: the attention each token receives, mean 1 (the KL model's weights)
     token_weights: dict | None = None
+    # temporal_ar with repeat: layer 0's symbols by kind until both are in, then the RepeatMap they give
+    repeat_symbols: dict | None = None
+    repeat_map: object = None
 
 
 @dataclass

@@ -267,7 +267,10 @@ class PrefixStore:
             raise ConfigError("with profile=, give codec_options={'scale': s}: one fixed quantizer knob for every chunk "
                               "(seqkv.store.scale_for_kl(cache, profile, target_kl) resolves a KL target to one)")
         self.scale = parse_target(scale=options.pop("scale")).value
-        cfg = calibrated_pipeline_config(profile.sink_tokens, **options)
+        if "repeat" in options:
+            raise ConfigError("repeat prediction reads a whole cache's layer 0; store chunks are coded without it")
+        # chunks decode batched across chunks and against bases (format/chunk_run.py): no repeat mode there
+        cfg = calibrated_pipeline_config(profile.sink_tokens, **options, repeat=False)
         return cfg, dict(options, scale=self.scale, profile=profile.hash)
 
     # -- keys ---------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repo, when not
 import seqkv  # noqa: E402
 from conftest import tiny_cache, tiny_profile  # noqa: E402
 
-VERSION = "v1_3"  # only the files of this version are written; older versions' files are never regenerated
+VERSION = "v1_4"  # only the files of this version are written; older versions' files are never regenerated
 V1_0_CASES = {  # written by the 1.0 writer (kept here to document them)
     "lossless_fp16": dict(family="llama", dtype=torch.float16, kw={"preset": "lossless"}),
     "lossless_bf16_positions": dict(family="qwen2", dtype=torch.bfloat16,
@@ -43,11 +43,30 @@ V1_2_CASES = {  # 1.2: a pruned container coded with the calibrated codec (docs/
                                          prune={"name": "key_norm", "ratio": 0.5, "level": "layer"}),
 }
 
-CASES = {  # 1.3: klt_uniform's per-token steps (docs/format.md §6.2), codes 0..12 varying by token and layer
+V1_3_CASES = {  # 1.3: klt_uniform's per-token steps (docs/format.md §6.2), codes 0..12 varying by token and layer
     "calibrated_fp16_token_steps": dict(family="llama", dtype=torch.float16, tokens=40, kw={"scale": 0.03}, profile=True,
                                         token_codes=lambda layer, tokens: [(3 * t + layer) % 13 if t < tokens - 8 else 0
                                                                            for t in range(tokens)]),
 }
+
+
+REPEATED_IDS = ([5, 17, 3, 44, 9, 61, 23, 8, 70, 12, 33, 2] + [80, 81, 82]) * 6 + [5, 17, 3, 44]
+CASES = {  # 1.4: temporal_ar's repeat prediction (docs/format.md §6.5): a 12-token passage repeated six times
+    "calibrated_fp16_repeat": dict(family="llama", dtype=torch.float16, ids=REPEATED_IDS, kw={"scale": 0.02},
+                                   profile=True),
+}
+
+
+def cache_of_ids(family, ids, dtype):
+    from conftest import tiny_model
+    from seqkv.model_calls import cache_of
+
+    model = tiny_model(family)
+    with torch.no_grad():
+        cache = cache_of(model(torch.tensor([ids]), use_cache=True))
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys.to(dtype), layer.values.to(dtype)
+    return model, cache
 
 
 def encode_with_token_codes(model, cache, profile, scale, codes_of) -> bytes:
@@ -65,7 +84,10 @@ def encode_with_token_codes(model, cache, profile, scale, codes_of) -> bytes:
 
 def main():
     for name, case in CASES.items():
-        model, cache = tiny_cache(case["family"], tokens=case.get("tokens", 12), dtype=case["dtype"], seed=7)
+        if case.get("ids"):
+            model, cache = cache_of_ids(case["family"], case["ids"], case["dtype"])
+        else:
+            model, cache = tiny_cache(case["family"], tokens=case.get("tokens", 12), dtype=case["dtype"], seed=7)
         prune = dict(case.get("prune") or {})
         pruner = seqkv.pruner(prune.pop("name"), **prune) if prune else None
         base = os.path.join(HERE, f"{VERSION}_{name}")
