@@ -12,7 +12,8 @@ Rows per text: zstd-3; the presets near_lossless / balanced / small; the TurboQu
 favours the anchor over its fixed-rate original); HF QuantizedCache's quanto int4 (if
 optimum-quanto is installed: axis 0, group 64, as HF quantizes a prefill; bytes = the packed int4
 data + fp16 scale and shift per group of 64, i.e. 4.5 bits/element);
-the calibrated codec at several target_kl values.  Writes docs/rd.md, docs/rd.json, docs/rd_curve.png.
+the calibrated codec at several target_kl values, and the same without repeat prediction ("before": the
+codec as issue 13 found it).  Writes docs/rd.md, docs/rd.json, docs/rd_curve.png.
 """
 from __future__ import annotations
 
@@ -86,6 +87,8 @@ def plot(results: dict, path: str) -> None:
             return [r["mean_kl"] for r in sel], [r["ratio"] for r in sel]
 
         ax.plot(*pts(lambda n: n.startswith("target_kl")), "o-", label="seqkv calibrated (target_kl)")
+        ax.plot(*pts(lambda n: n.startswith("before: target_kl")), "o:", color="lightsteelblue",
+                label="seqkv calibrated before repeat prediction")
         ax.plot(*pts(lambda n: n.startswith("bits_per_element")), "D", label="seqkv calibrated, 2.0 bits/elem")
         ax.plot(*pts(lambda n: n in ("near_lossless", "balanced", "small")), "s--", label="seqkv presets (no profile)")
         ax.plot(*pts(lambda n: n.startswith("turboquant")), "^", label="TurboQuant-style 3/4-bit")
@@ -132,7 +135,9 @@ def main() -> None:
         plot(saved["results"], os.path.join(args.out, "rd_curve.png"))
         return
     targets = [0.001, 0.01] if args.quick else TARGETS
+    # "before": the calibrated codec as it was when issue 13 was filed (no repeat prediction, format 1.1)
     configs = {**ANCHORS, **{f"target_kl={t}": {"target_kl": t} for t in targets},
+               **{f"before: target_kl={t}": {"target_kl": t, "repeat": False} for t in targets},
                **{f"bits_per_element={b}": {"bits_per_element": b} for b in RATES}}
     results = {}
     for name in texts:

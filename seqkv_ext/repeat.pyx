@@ -44,6 +44,8 @@ def longest_matches(const int32_t[::1] ids, Py_ssize_t max_candidates=64, Py_ssi
                 if L > best:
                     best = L
                     src[t] = <int32_t>s
+                    if best == max_len:   # no later candidate can be longer: ties go to the most recent
+                        break
                 s = prev[s]
                 count += 1
             length[t] = <int32_t>best

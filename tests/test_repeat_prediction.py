@@ -116,3 +116,20 @@ def test_the_store_codes_chunks_without_repeat(tmp_path):
     with pytest.raises(ConfigError, match="store chunks"):
         seqkv.PrefixStore(str(tmp_path), model=tiny_model("llama"), profile=tiny_profile(),
                           codec_options={"scale": 0.02, "repeat": True})
+
+
+def test_repeat_needs_the_calibrated_quantizer():
+    """A header that asks a preset pipeline for repeat prediction is refused (the profile's shape bounds the match
+    finder's work, docs/format.md §6.5)."""
+    from seqkv.format.pipeline import Pipeline
+
+    config = seqkv.presets.pipeline_config("balanced")
+    config["predictor"] = {"id": "temporal_ar", "repeat": True}
+    with pytest.raises(ConfigError, match="klt_uniform"):
+        Pipeline(config)
+
+
+def test_longest_matches_ties_go_to_the_most_recent():
+    ids = np.zeros(2000, np.int32)          # every earlier token matches 32 long: the first one examined wins
+    src, length = longest_matches(ids, 64, 32)
+    assert src[1000] == 999 and length[1000] == 32 and length[5] == 5 and src[5] == 4

@@ -64,6 +64,9 @@ class Pipeline:
         self.cross_layer = bool(getattr(self.quantizer, "cross_layer", False))
         # repeat prediction reads layer 0's symbols: a section then needs layer 0 decoded first
         self.repeat = bool(getattr(self.predictor, "repeat", False))
+        if self.repeat and getattr(self.quantizer, "id", None) != "klt_uniform":
+            # only with a profile: its shape bounds the match finder's work against the decoding's (§6.5)
+            raise ConfigError("temporal_ar's repeat mode needs the klt_uniform quantizer (the calibrated codec)")
         # the lowest container minor that defines every stage used (seqkv.format.header.required_minor)
         self.min_minor = max(stage.min_minor for stage in stages)
 
