@@ -133,3 +133,11 @@ def test_longest_matches_ties_go_to_the_most_recent():
     ids = np.zeros(2000, np.int32)          # every earlier token matches 32 long: the first one examined wins
     src, length = longest_matches(ids, 64, 32)
     assert src[1000] == 999 and length[1000] == 32 and length[5] == 5 and src[5] == 4
+
+
+def test_cli_no_repeat_is_for_the_calibrated_codec(tmp_path, capsys):
+    from seqkv.cli import main
+
+    assert main(["encode", "--no-repeat", "--preset", "balanced", "-o", str(tmp_path / "x.skv")]) == 2
+    assert "--no-repeat is for the calibrated codec" in capsys.readouterr().err
+    assert not (tmp_path / "x.skv").exists()
