@@ -13,7 +13,7 @@ import uuid
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import tiny_cache, tiny_model
 from servers import redis_server, s3_server  # noqa: F401  (fixtures)
 
 import seqkv
@@ -872,3 +872,22 @@ def test_calibrated_chunks_survive_section_and_header_mutations(tmp_path, profil
                 refused += 1
             tried += 1
     assert tried >= 60 and refused >= tried // 4  # the mutations do reach the decoder's checks
+
+
+def test_a_chunk_whose_residuals_never_pay_is_not_written_against_its_base():
+    """Coded against a base that shares none of its values, every section is smaller plain; with the token ids
+    left to the base there is no valid container to write (found by tests/test_store_refs_machine.py: the
+    store then failed with 'store chunk token coding is invalid' instead of coding the chunk plainly)."""
+    from seqkv.layout import layout_from_model
+    from seqkv.presets import pipeline_config
+    from seqkv.store import chunk_codec
+
+    model, cache = tiny_cache("llama", tokens=16, seed=3)
+    _, other = tiny_cache("llama", tokens=16, seed=4)
+    chunk = [(k[0] if k.dim() == 4 else k, v[0] if v.dim() == 4 else v) for k, v in cache_layers(cache)]
+    base = [(k[0] if k.dim() == 4 else k, v[0] if v.dim() == 4 else v) for k, v in cache_layers(other)]
+    base = [(k * 1e3 + 7.0, v * -1e3 + 3.0) for k, v in base]   # nothing in common: residuals cost more
+    payload, info = chunk_codec.encode_chunk(chunk, torch.arange(16), pipeline_config("lossless"),
+                                             layout_from_model(model), "float32", token_section=None,
+                                             token_code="base", base=("0" * 64, base, torch.arange(16)))
+    assert payload is None and info["residual_sections"] == 0

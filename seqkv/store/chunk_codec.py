@@ -74,7 +74,10 @@ def encode_chunk(layers, positions: torch.Tensor, pipeline_config: dict, layout:
     """(payload bytes, info).  ``layers``: [(K, V)] of [H, T, D] tensors (batch dim removed);
     ``base``: None or (base key, base layers, base positions) of a chunk with the same tokens;
     ``profile`` and ``scale``: the calibrated pipeline's model profile and fixed quantizer knob.
-    ``info``: residual_sections, plain_section_bytes (what plain coding of every section costs)."""
+    ``info``: residual_sections, plain_section_bytes (what plain coding of every section costs).  A chunk coded
+    against a base whose token ids are the base's (``token_code="base"``) but with no section smaller as a
+    residual has no valid container (no base, no tokens): the payload is then None, and the caller codes the
+    chunk plainly with its own token ids."""
     pipeline = Pipeline(pipeline_config)
     state = coding_state_for(pipeline, profile, scale)
     calibrated = is_calibrated(pipeline)
@@ -108,6 +111,9 @@ def encode_chunk(layers, positions: torch.Tensor, pipeline_config: dict, layout:
             sections[section_name(i, kind)] = best
             modes.append(mode)
     residual = modes.count("r")
+    if residual == 0 and token_code == "base":
+        return None, {"residual_sections": 0, "plain_section_bytes": plain_total,
+                      "section_bytes": sum(len(b) for b in sections.values())}
     contiguous = bool(tokens == 0 or torch.equal(positions, torch.arange(int(positions[0]), int(positions[0]) + tokens)))
     section_bytes = sum(len(b) for b in sections.values())
     if token_section is not None:
