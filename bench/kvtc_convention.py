@@ -32,9 +32,9 @@ import seqkv  # noqa: E402
 from seqkv.embedded_model import load_embedded_model  # noqa: E402
 from seqkv.hf_adapter import build_cache  # noqa: E402
 from seqkv.quality import clone_cache, prefill  # noqa: E402
+from closed_loop_eval import TEXTS  # noqa: E402
+from repeat_prediction_eval import closed_loop_scales  # noqa: E402
 
-TEXTS = ["seqkv/data/texts/psf_license.txt", "bench/texts_heldout/gpl3.txt",
-         "bench/texts_heldout/subprocess_source.txt", "bench/texts_heldout/stdlib_h.txt"]
 PROMPT, SINKS, WINDOW = 2048, 4, 128
 
 
@@ -48,8 +48,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    with open(os.path.join(ROOT, "docs", "closed_loop_shipped.json")) as f:
-        scales = {(r["text"], r["target_kl"]): r["scale"] for r in json.load(f)["rows"] if r["loop"] == "closed"}
+    scales = closed_loop_scales()
     model, tokenizer = load_embedded_model()
     profile = seqkv.shipped_profile(model)
     rows = []

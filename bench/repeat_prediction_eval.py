@@ -40,9 +40,8 @@ from seqkv.quality import clone_cache, prefill  # noqa: E402
 from seqkv.stages.base import CodingState, TensorContext  # noqa: E402
 from seqkv.stages.repeat_map import MAX_CANDIDATES, MAX_MATCH, token_ids_from_symbols  # noqa: E402
 from seqkv_ext.repeat import longest_matches  # noqa: E402
+from closed_loop_eval import TEXTS  # noqa: E402  (the held-out texts, the closed-loop bench's)
 
-TEXTS = ["seqkv/data/texts/psf_license.txt", "bench/texts_heldout/gpl3.txt",
-         "bench/texts_heldout/subprocess_source.txt", "bench/texts_heldout/stdlib_h.txt"]
 BINS = [(1, 1), (2, 3), (4, 7), (8, 15), (16, MAX_MATCH)]
 FP16_BYTES = 2
 

@@ -64,6 +64,14 @@ class TensorContext:
     state: CodingState = field(default_factory=CodingState)
 
 
+def body_positions(positions: torch.Tensor | None, tokens: int) -> torch.Tensor | None:
+    """The positions of the quantized tokens: the last ``tokens`` ones (exact sink tokens come first); None
+    without positions or tokens."""
+    if positions is None or tokens == 0 or positions.numel() < tokens:
+        return None
+    return positions[positions.numel() - tokens:]
+
+
 def option_value(stage_id: str, name: str, typ: type, value):
     """A stage option checked strictly against its JSON type (docs/format.md §5): a ``bool`` option takes a
     boolean, an ``int`` one an integer (not a boolean, not a float), a ``float`` one a number (an integer is

@@ -99,6 +99,7 @@ class TemporalPredictor(Predictor):
     def inverse(self, res: np.ndarray, k: np.ndarray, ctx: TensorContext) -> np.ndarray:
         """residuals [H, T, D] (any strides) -> symbols int32, as a channel-major view like the coder's."""
         from seqkv_ext.predict import ar_undo
+        from seqkv_ext.repeat import repeat_undo
 
         if k is None:
             if self.repeat and ctx.layer == 0:
@@ -113,7 +114,7 @@ class TemporalPredictor(Predictor):
                     raise FormatError(f"layer {ctx.layer} {ctx.kind}: repeat prediction needs layer 0's symbols "
                                       "at the same tokens, decoded first")
                 ar_undo(columns, np.where(k.use == 1, 0, k.k).astype(np.uint8))
-                _repeat_undo(columns, k.k, k.use, rmap.src, rmap.length, k.min_len)
+                repeat_undo(columns, k.k, k.use, rmap.src, rmap.length, k.min_len)
             else:
                 ar_undo(columns, np.ascontiguousarray(k))
         except ValueError as exc:
@@ -122,12 +123,6 @@ class TemporalPredictor(Predictor):
         if self.repeat and ctx.layer == 0:
             note_layer0(ctx, symbols)
         return symbols
-
-
-def _repeat_undo(columns, k, use, src, length, min_len) -> None:
-    from seqkv_ext.repeat import repeat_undo
-
-    repeat_undo(columns, k, use, src, length, min_len)
 
 
 def _best_repeat(columns: np.ndarray, res: np.ndarray, k: np.ndarray, saved_bits: float, rmap):

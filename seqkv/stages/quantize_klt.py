@@ -19,7 +19,7 @@ import torch
 from ..errors import ConfigError, FormatError, NonFiniteError, ValueRangeError
 from ..ans_coding import decode_symbols, read_table, table_and_words, write_table
 from ..wire import Reader, write_uvarint
-from .base import Quantizer, TensorContext, register
+from .base import Quantizer, TensorContext, body_positions, register
 from .quantize_uniform import quantize_symbols
 from .klt import columns_of, from_columns, matmul, profile_part
 
@@ -85,15 +85,8 @@ def cross_layer_prediction(part, ctx: TensorContext, shape) -> torch.Tensor | No
     link = (ctx.state.chain or {}).get(ctx.kind)
     if part.cross is None or link is None or link[0] != ctx.layer - 1:
         return None
-    columns = aligned_columns(link, _body_positions(ctx.positions, tokens), tokens)
+    columns = aligned_columns(link, body_positions(ctx.positions, tokens), tokens)
     return None if columns is None else from_columns(matmul(part.cross, columns), heads, dim)
-
-
-def _body_positions(positions: torch.Tensor | None, tokens: int) -> torch.Tensor | None:
-    """The positions of the quantized tokens: the last ``tokens`` ones (exact sink tokens come first)."""
-    if positions is None or tokens == 0 or positions.numel() < tokens:
-        return None
-    return positions[positions.numel() - tokens:]
 
 
 def aligned_columns(link: tuple, positions: torch.Tensor | None, tokens: int) -> torch.Tensor | None:
@@ -117,7 +110,7 @@ def remember_reconstruction(ctx: TensorContext, recon: torch.Tensor) -> None:
         # channel-major [H*D, T] and contiguous, in encoder and decoder alike, so that both compute the next
         # layer's prediction with the same matrix product and get the same floats
         ctx.state.chain[ctx.kind] = (ctx.layer, columns_of(recon).contiguous(),
-                                        _body_positions(ctx.positions, recon.shape[1]))
+                                        body_positions(ctx.positions, recon.shape[1]))
 
 
 class KLTSide(NamedTuple):

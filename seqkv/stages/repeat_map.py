@@ -13,7 +13,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .base import TensorContext
+from .base import TensorContext, body_positions
 
 MAX_MATCH = 32          # match lengths are counted up to this (the encoder's thresholds stop at 32)
 MAX_CANDIDATES = 64     # earlier occurrences of a token examined per token (bounds the work on repetitive text)
@@ -53,7 +53,7 @@ def note_layer0(ctx: TensorContext, q: np.ndarray) -> None:
         tokens = q.shape[1]
         ids = token_ids_from_symbols(state.repeat_symbols["keys"], state.repeat_symbols["values"])
         src, length = longest_matches(ids, MAX_CANDIDATES, MAX_MATCH)
-        state.repeat_map = RepeatMap(body_positions(ctx, tokens), src, length)
+        state.repeat_map = RepeatMap(body_positions(ctx.positions, tokens), src, length)
         state.repeat_symbols = None
 
 
@@ -62,14 +62,7 @@ def map_for(ctx: TensorContext, tokens: int) -> RepeatMap | None:
     rmap = ctx.state.repeat_map
     if ctx.layer == 0 or rmap is None or rmap.src.size != tokens or tokens == 0:
         return None
-    mine = body_positions(ctx, tokens)
+    mine = body_positions(ctx.positions, tokens)
     if (mine is None) != (rmap.positions is None) or (mine is not None and not torch.equal(mine, rmap.positions)):
         return None
     return rmap
-
-
-def body_positions(ctx: TensorContext, tokens: int) -> torch.Tensor | None:
-    positions = ctx.positions
-    if positions is None or positions.numel() < tokens:
-        return None
-    return positions[positions.numel() - tokens:]
