@@ -3,6 +3,7 @@
     python bench/closed_loop_eval.py --out docs/closed_loop                       # the shipped profile
     python bench/closed_loop_eval.py --profile P --out /tmp/single                # another profile file
     python bench/closed_loop_eval.py --loops closed,closed+soft --out /tmp/soft     # soft pruning's gain
+    python bench/closed_loop_eval.py --loops closed,closed@measured --out /tmp/start # the measured start
 
 For each text and target: the design notes §5 protocol (SmolLM2-135M-Instruct, P=2048 tokens prefilled,
 fp16 cache, the next C=256 tokens teacher-forced after the decoded cache): ratio vs fp16 (every container
@@ -33,6 +34,8 @@ TEXTS = ["seqkv/data/texts/psf_license.txt", "bench/texts_heldout/gpl3.txt",
 
 
 LOOPS = {"open": dict(closed_loop=False), "closed": dict(closed_loop=True, token_steps=False),
+         # the closed loop started at the prediction with the cache's measured sensitivities, not the profile's
+         "closed@measured": dict(closed_loop=True, token_steps=False, loop_start="measured"),
          "closed+soft": dict(closed_loop=True, token_steps=True)}
 
 
@@ -58,8 +61,9 @@ def main(argv=None) -> int:
     ap.add_argument("--targets", default="0.01,0.001")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--loops", default="open,closed,closed+soft",
-                    help="which encodes, in one run: open (prediction only), closed (measured, uniform token steps), "
-                         "closed+soft (measured, per-token steps from attention: the default encode with a model)")
+                    help="which encodes, in one run: open (prediction only), closed (measured, uniform token steps: "
+                         "the default encode with a model), closed@measured (the same, the search started at the "
+                         "prediction with the cache's measured sensitivities), closed+soft (measured, per-token steps from attention)")
     ap.add_argument("--out", required=True, help="writes OUT.json and OUT.md")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -14,6 +14,7 @@ from .format.header import ProfileRef
 from .format.pipeline import KINDS, Pipeline, section_name
 from .format.reader import open_container
 from .layout import layout_for_cache
+from .measured_sensitivity import measured_sensitivities
 from .presets import calibrated_pipeline_config
 from .profile import Profile
 from .progress import progress_bar
@@ -37,14 +38,17 @@ def calibrated_setup(profile, model, config, layers, kl_margin, options) -> tupl
 
 
 def calibrated_search(pipeline: Pipeline, profile, layout, layers, layer_positions, target, kl_margin, write, *,
-                      elements, progress=False, probe=None, soft=None) -> bytes:
+                      elements, progress=False, probe=None, soft=None, loop_start="profile") -> bytes:
     """Transform every layer once, then pick the scale that meets ``target`` and return
     ``write(sections, profile_ref, rate_control)`` (``sections``: {name: bytes} of the keys and values).
     ``layer_positions[i]``: the positions of layer ``i``'s tokens (all the same unless the cache was pruned
     layer by layer); ``elements``: what bits per element count.  ``probe`` (a
     :class:`seqkv.kl_probe.TailProbe`): a ``target_kl`` is then met as measured on the probe (closed loop),
     the profile's prediction only starting the search.  ``soft`` (a :class:`seqkv.token_importance.SoftSteps`):
-    per-token steps, for a pipeline whose quantizer has ``token_steps``."""
+    per-token steps, for a pipeline whose quantizer has ``token_steps``.  ``loop_start``: where the closed
+    loop starts, "profile" (the profile's KL model) or "measured" (the KL model with this cache's
+    sensitivities, measured through the model on the probe's windows: :mod:`seqkv.measured_sensitivity`;
+    uniform steps only)."""
     sinks = pipeline.sink_tokens
     state = CodingState(profile=profile, token_codes=None if soft is None else soft.codes,
                         token_weights=None if soft is None else soft.weights)
@@ -83,9 +87,12 @@ def calibrated_search(pipeline: Pipeline, profile, layout, layers, layer_positio
     if target.kind == "scale":
         return container_at(target.value)
     soft_body = None if soft is None else {key: soft.for_body(key, sinks) for key in bodies}
+    sensitivities = None
+    if target.kind == "kl" and probe is not None and soft is None and loop_start == "measured":
+        sensitivities = measured_sensitivities(probe, layers, layout, profile)
     kl_scale = scale_for_kl(profile, bodies, target.value if target.kind == "kl" else DEFAULT_TARGET_KL,
                             rounding, kl_margin, cross_layer=pipeline.cross_layer, positions=body_positions,
-                            token_steps=soft_body)
+                            token_steps=soft_body, sensitivities=sensitivities)
     if target.kind == "kl" and probe is not None:
         scale, kl, count = scale_for_measured_kl(measured_kl, target.value * kl_margin, kl_scale)
         return container_at(scale, {"measured_kl": kl, "probe_tokens": probe.tokens, "measurements": count})

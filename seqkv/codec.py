@@ -66,7 +66,11 @@ def encode(cache, *, preset: str | None = None, model=None, config=None, positio
     observed) get coarser steps (``2 ** (code / 4)`` times, per token and layer, in the container), and the
     closed loop then meets ``target_kl`` as before.  ``True``: on (ConfigError without a closed loop);
     ``None`` (default) and ``False``: every token gets the same steps (soft pruning raises the ratio at the
-    measured target, but a later copy of an early passage then reads 4-11x the KL).
+    measured target, but a later copy of an early passage then reads 4-11x the KL).  ``loop_start`` (closed
+    loop): "profile" (default) starts the search at the profile's prediction; "measured" at the scale the KL
+    model predicts with this cache's own sensitivities, measured through the model on the probe
+    (:mod:`seqkv.measured_sensitivity`): a closer prediction, but in our measurements no better container
+    and a slower encode (docs/rate_control.md).
     """
     if preset is not None and not isinstance(preset, str):
         raise ConfigError(f"preset must be a string, got {type(preset).__name__}")
@@ -86,6 +90,8 @@ def encode(cache, *, preset: str | None = None, model=None, config=None, positio
     if prune is not None or getattr(cache, "seqkv_pruned", None) is not None:
         if options.pop("token_steps", None):
             raise ConfigError("token_steps=True is not available for pruned caches (it reads the closed-loop probe)")
+        if options.pop("loop_start", None) is not None:
+            raise ConfigError("loop_start is for the closed loop, which pruned caches do not use")
         if closed_loop:
             raise ConfigError("closed_loop=True is not available for pruned caches: their target_kl is the "
                               "quantization's predicted KL (the pruning's own KL comes on top)")
@@ -100,6 +106,9 @@ def encode(cache, *, preset: str | None = None, model=None, config=None, positio
     pos = positions_of(positions, layers[0][0].shape[1])
     if calibrated:
         token_steps = options.pop("token_steps", None)
+        loop_start = options.pop("loop_start", "profile")
+        if loop_start not in ("measured", "profile"):
+            raise ConfigError(f"loop_start must be 'measured' or 'profile', got {loop_start!r}")
         pipeline, layout = calibrated_setup(profile, model, config, layers, kl_margin, options)
         probe = loop_probe(closed_loop, target, model, layers, pos, layout, token_ids)
         soft = soft_steps(token_steps, probe, layers, pos, layout, profile.sink_tokens)
@@ -107,7 +116,7 @@ def encode(cache, *, preset: str | None = None, model=None, config=None, positio
             pipeline, layout = calibrated_setup(profile, model, config, layers, kl_margin, {**options, "token_steps": True})
 
         return _calibrated_container(layers, dtype_name, pos, pipeline, layout, profile, target, kl_margin,
-                                     progress=progress, probe=probe, soft=soft)
+                                     progress=progress, probe=probe, soft=soft, loop_start=loop_start)
     preset = "balanced" if preset is None else preset
     pipeline = Pipeline(pipeline_config(preset, **options))
     layout = layout_for_cache(model, config, layers, pipeline.lossless)

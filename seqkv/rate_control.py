@@ -95,11 +95,14 @@ def quantization_error(z_body: torch.Tensor, part, scale: float, rounding: float
 
 
 def predicted_kl(profile, bodies: dict, scale: float, rounding: float, cross_layer: bool = False,
-                 positions: dict | None = None, token_steps: dict | None = None) -> float:
+                 positions: dict | None = None, token_steps: dict | None = None,
+                 sensitivities: dict | None = None) -> float:
     """The profile's KL model for quantizing ``bodies`` ({(layer, kind): [H, T, D]}, in layer order),
     chaining cross-layer predictions the way the quantizer does.  ``positions`` ({(layer, kind): [T]}):
     the tokens' positions, for pruned caches whose layers keep different tokens.  ``token_steps``
-    ({(layer, kind): (multipliers [T], weights [T])}): soft pruning, see :func:`quantization_error`."""
+    ({(layer, kind): (multipliers [T], weights [T])}): soft pruning, see :func:`quantization_error`.
+    ``sensitivities``: the cache's own, measured through the model (:mod:`seqkv.measured_sensitivity`), in
+    place of the profile's."""
     mse = {}
     state = CodingState(profile=profile, chain={})
     for (layer, kind), z in bodies.items():
@@ -110,6 +113,10 @@ def predicted_kl(profile, bodies: dict, scale: float, rounding: float, cross_lay
         steps = None if token_steps is None else token_steps.get((layer, kind))
         mse[(layer, kind)], recon = quantization_error(z, part, scale, rounding, pred, steps)
         remember_reconstruction(ctx, recon)
+    if sensitivities is not None:
+        from .measured_sensitivity import predicted_kl as measured_prediction
+
+        return measured_prediction(sensitivities, mse)
     return profile.predicted_kl(mse)
 
 
@@ -133,10 +140,12 @@ def stride_for(tokens: int, sample: int = SUBSAMPLE_TOKENS) -> int:
 
 
 def scale_for_kl(profile, bodies: dict, target: float, rounding: float, margin: float = DEFAULT_KL_MARGIN,
-                 cross_layer: bool = False, positions: dict | None = None, token_steps: dict | None = None) -> float:
+                 cross_layer: bool = False, positions: dict | None = None, token_steps: dict | None = None,
+                 sensitivities: dict | None = None) -> float:
     """The scale whose predicted KL (on a token subsample) is target * margin, within KL_TOLERANCE,
     never above it.  Bracketed secant (Illinois) on log KL vs log scale: KL grows like scale^2.
-    ``positions``: as for :func:`predicted_kl` (pruned caches); ``token_steps`` too (plain caches only)."""
+    ``positions``: as for :func:`predicted_kl` (pruned caches); ``token_steps`` too (plain caches only);
+    ``sensitivities`` as there."""
     sample, sample_pos = subsample(bodies, positions=positions) if positions is not None else (subsample(bodies), None)
     if token_steps is not None:
         if positions is not None:
@@ -146,7 +155,8 @@ def scale_for_kl(profile, bodies: dict, target: float, rounding: float, margin: 
     goal = math.log(target * margin)
 
     def f(log_scale):
-        kl = predicted_kl(profile, sample, math.exp(log_scale), rounding, cross_layer, sample_pos, token_steps)
+        kl = predicted_kl(profile, sample, math.exp(log_scale), rounding, cross_layer, sample_pos, token_steps,
+                          sensitivities)
         return math.log(max(kl, 1e-300)) - goal
 
     lo_limit, hi_limit = math.log(MIN_SCALE), math.log(10.0)
