@@ -68,14 +68,17 @@ def expected_attention(queries: dict, layers, next_position: int, layout) -> lis
 def token_step_codes(attention: list[np.ndarray], sink_tokens: int, beta: float = DEFAULT_BETA) -> dict:
     """(layer, kind) -> uint8 [T] step codes (the same for a layer's keys and values):
     ``round(4 * beta * log2(reference / a_t))`` clipped to [0, MAX_TOKEN_CODE], the reference being the
-    layer's :data:`REFERENCE_QUANTILE` of its non-sink tokens' ``a_t``.  Sink tokens keep code 0."""
+    layer's :data:`REFERENCE_QUANTILE` of its non-sink tokens' ``a_t``.  Sink tokens keep code 0, and so does
+    every token of layer 0: repeat prediction finds which token repeats which from layer 0's symbols
+    (docs/format.md §6.5), and equal tokens have equal symbols there only at equal steps (layer 0 is under
+    1 % of a container's bits; sparing it raised the ratio at the measured target, docs/soft_pruning.md)."""
     if not (isinstance(beta, (int, float)) and 0.0 <= beta <= 2.0):
         raise ConfigError(f"token step beta must be in [0, 2], got {beta!r}")
     codes = {}
     for layer, a in enumerate(attention):
         c = np.zeros(a.size, dtype=np.uint8)
         body = a[sink_tokens:]
-        if body.size:
+        if body.size and layer > 0:
             reference = float(np.quantile(body, REFERENCE_QUANTILE))
             raw = np.round(TOKEN_CODES_PER_OCTAVE * beta * np.log2(reference / np.maximum(body, 1e-30)))
             c[sink_tokens:] = np.clip(raw, 0, MAX_TOKEN_CODE).astype(np.uint8)

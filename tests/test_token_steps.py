@@ -127,7 +127,11 @@ def test_codes_follow_attention_and_spare_sinks_and_important_tokens():
     tokens = 300
     rng = np.random.default_rng(0)
     a = rng.lognormal(size=tokens)
-    codes = token_step_codes([a], sink_tokens=4, beta=0.5)[(0, "keys")]
+    all_codes = token_step_codes([a, a], sink_tokens=4, beta=0.5)
+    # layer 0 keeps its steps: repeat prediction reads which token repeats which off its symbols
+    assert not all_codes[(0, "keys")].any() and not all_codes[(0, "values")].any()
+    codes = all_codes[(1, "keys")]
+    assert (codes == all_codes[(1, "values")]).all()
     body = slice(4, tokens)
     assert (codes[:4] == 0).all()
     order = np.argsort(a[body])
