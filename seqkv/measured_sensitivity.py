@@ -11,7 +11,8 @@ empirical Fisher information of every cached element (``E[g^2]`` over the sample
 ``e`` of the cache then costs ``KL ~ 1/2 e' F e``; for noise whose power in the profile's metric (KLT
 coefficients, each component's error times its weight) is one per element, that is ``1/2 sum F / weight``
 over the section's elements: the section's sensitivity, measured on this cache through everything attention
-and the layers above it read.  The closed loop starts its search at the scale this model predicts.
+and the layers above it read.  With ``loop_start="measured"`` the closed loop starts its search at the scale
+this model predicts (opt-in: it predicts closer than the profile but gave no better containers).
 """
 from __future__ import annotations
 
@@ -19,10 +20,11 @@ import torch
 
 from .hf_adapter import build_cache
 from .model_calls import with_cache
+from .stages.klt import rows_of
 from .stages.rope import keys_to_pre_rope
 
-FISHER_SAMPLES = 2      # sampled next tokens per window: the estimate's spread over seeds is small beside
-                        # the prediction's error (docs/rate_control.md)
+FISHER_SAMPLES = 2      # sampled next tokens per window: each costs a backward pass; not tuned (the
+                        # prediction's error in docs/rate_control.md was measured with 2)
 # The second-order model under-reads the KL of the distortions the codec makes (KL grows faster than the
 # step squared where components fall into the dead zone): the probe's KL / the unscaled model, geometric
 # mean 1.47 over the shipped profile's three calibration texts at five scales each, probe KL 0.002-0.018
@@ -76,12 +78,10 @@ def _weighted_energy(grad: torch.Tensor, key, profile, layout, positions: torch.
     gradient of a cached (post-RoPE) key maps to pre-RoPE by RoPE's transpose: its inverse times the
     attention scaling squared."""
     part = profile.parts[key]
-    heads, tokens, dim = grad.shape
     pre = keys_to_pre_rope(grad.detach(), key[1], positions, layout)
     if key[1] == "keys" and layout.has_rope:
         pre = pre * float(layout.rope_attention_scaling) ** 2
-    rows = pre[:, sinks:].permute(1, 0, 2).reshape(tokens - min(sinks, tokens), heads * dim)
-    coefficients = rows @ part.basis               # channels -> KLT components (the basis is orthonormal)
+    coefficients = rows_of(pre)[sinks:] @ part.basis   # channels -> KLT components (the basis is orthonormal)
     return float((coefficients.pow(2) / part.weights).sum())
 
 
