@@ -158,6 +158,12 @@ def _encode_options(args) -> dict:
         if args.target_kl is None and (args.profile is None or targets):
             raise SeqKVError("--soft-prune is for --target-kl (soft pruning reads the closed loop's probe)")
         targets["token_steps"] = True
+    if getattr(args, "no_soft_prune", False):
+        if getattr(args, "soft_prune", False):
+            raise SeqKVError("--soft-prune and --no-soft-prune contradict each other")
+        if args.target_kl is None and (args.profile is None or targets):
+            raise SeqKVError("--no-soft-prune is for --target-kl (soft pruning is only ever on in the closed loop)")
+        targets["token_steps"] = False
     if getattr(args, "no_repeat", False):
         if args.profile is None and not targets:
             raise SeqKVError("--no-repeat is for the calibrated codec (--profile or a rate target): the presets never "
@@ -215,8 +221,11 @@ def _add_encode_options(parser) -> None:
                                                                  "(faster; nothing measured, docs/rate_control.md)")
     parser.add_argument("--soft-prune", action="store_true",
                         help="with --target-kl: coarser steps for the tokens attention is expected to read least "
-                             "(higher ratio at the measured target; later copies of early passages suffer; "
-                             "docs/soft_pruning.md)")
+                             "(the default where the closed loop observes the model's queries; this makes its "
+                             "absence an error; docs/soft_pruning.md)")
+    parser.add_argument("--no-soft-prune", action="store_true",
+                        help="with --target-kl: every token the same steps (a larger container at the same "
+                             "measured KL; a later verbatim copy of an early passage reads less KL)")
     parser.add_argument("--no-repeat", action="store_true",
                         help="the calibrated codec without repeat prediction: 3-19 %% larger on the bench texts, but a container that "
                              "readers older than format 1.4 decode (docs/format.md §6.5)")

@@ -63,14 +63,16 @@ def encode(cache, *, preset: str | None = None, model=None, config=None, positio
 
     ``token_steps`` (calibrated, closed loop; soft pruning, docs/soft_pruning.md): the tokens that the queries
     to come are expected to attend to least (kvpress's expected attention, from the queries the probe
-    observed) get coarser steps (``2 ** (code / 4)`` times, per token and layer, in the container), and the
-    closed loop then meets ``target_kl`` as before.  ``True``: on (ConfigError without a closed loop);
-    ``None`` (default) and ``False``: every token gets the same steps (soft pruning raises the ratio at the
-    measured target, but a later copy of an early passage then reads 4-11x the KL).  ``loop_start`` (closed
+    observed, for the continuation and for the probe's window before the tail) get coarser steps
+    (``2 ** (code / 4)`` times, per token and layer, in the container), and the closed loop then meets
+    ``target_kl`` as before.  ``None`` (default): on wherever the closed loop runs and its probe observes the
+    model's queries (Llama-style attention), else off; ``True``: on (ConfigError where it cannot be);
+    ``False``: every token gets the same steps (a larger container at the same measured KL, but a later
+    verbatim copy of an early passage reads less KL: docs/soft_pruning.md).  ``loop_start`` (closed
     loop): "profile" (default) starts the search at the profile's prediction; "measured" at the scale the KL
     model predicts with this cache's own sensitivities, measured through the model on the probe
-    (:mod:`seqkv.measured_sensitivity`): a closer prediction, but in our measurements no better container
-    and a slower encode (docs/rate_control.md).
+    (:mod:`seqkv.measured_sensitivity`; uniform steps only, so soft pruning is off): a closer prediction, but
+    in our measurements no better container and a slower encode (docs/rate_control.md).
     """
     if preset is not None and not isinstance(preset, str):
         raise ConfigError(f"preset must be a string, got {type(preset).__name__}")
@@ -109,6 +111,11 @@ def encode(cache, *, preset: str | None = None, model=None, config=None, positio
         loop_start = options.pop("loop_start", "profile")
         if loop_start not in ("measured", "profile"):
             raise ConfigError(f"loop_start must be 'measured' or 'profile', got {loop_start!r}")
+        if loop_start == "measured":
+            if token_steps:
+                raise ConfigError("loop_start='measured' models uniform steps: it cannot be combined with "
+                                  "token_steps=True")
+            token_steps = False   # the measured start's sensitivities are for uniform steps
         pipeline, layout = calibrated_setup(profile, model, config, layers, kl_margin, options)
         probe = loop_probe(closed_loop, target, model, layers, pos, layout, token_ids)
         soft = soft_steps(token_steps, probe, layers, pos, layout, profile.sink_tokens)

@@ -12,7 +12,9 @@ proportional to ``a_t ** -0.5``; :data:`DEFAULT_BETA` (measured, docs/soft_pruni
 whose mean and covariance are those of the queries the closed-loop probe observed (the cache's last
 ``2 W`` tokens re-read by the model, :class:`seqkv.kl_probe.TailProbe`), rotated by the RoPE rotation
 averaged over the next :data:`FUTURE_POSITIONS` positions; a token's score is ``mu·k/sqrt(d) + k'Σk/(2d)``,
-softmaxed over the tokens and averaged over the query heads.  Measured on four held-out texts
+softmaxed over the tokens and averaged over the query heads; taken for the continuation and for the probe's
+window before the tail, the larger of the two (:func:`reader_attention`).  Codes stop at
+:data:`MAX_SOFT_CODE`.  It is on by default in the closed loop (:func:`soft_steps`).  Measured on four held-out texts
 (docs/soft_pruning.md), the attention the observed queries *themselves* paid made the codes fit those
 queries: the probe then read 0.3-0.9x the target where the continuation read up to 6.9x; with the expected
 attention the continuation/probe ratio stays within 0.5-1.8x, as without soft pruning (0.7-1.5x).
@@ -32,6 +34,10 @@ from .stages.quantize_klt import MAX_TOKEN_CODE, TOKEN_CODES_PER_OCTAVE, token_m
 DEFAULT_BETA = 0.35          # codes = 4 * beta * log2(reference / a_t); 0.5 would be the high-rate optimum
 REFERENCE_QUANTILE = 0.99    # a layer's tokens at or above this quantile of a_t keep full precision
 FUTURE_POSITIONS = 512       # the RoPE rotation of the queries to come is averaged over this many positions
+# At most 4x a token's steps (the format allows 1024x): expected attention cannot see an induction head's later
+# copy of an early passage; at 8 the copy probe read a third of the KL it read uncapped at the same median ratio
+# (docs/soft_pruning.md)
+MAX_SOFT_CODE = 8
 
 
 def average_rope_rotation(layout, start: int, count: int) -> torch.Tensor:
@@ -65,15 +71,45 @@ def expected_attention(queries: dict, layers, next_position: int, layout) -> lis
     return out
 
 
-def token_step_codes(attention: list[np.ndarray], sink_tokens: int, beta: float = DEFAULT_BETA) -> dict:
+@torch.no_grad()
+def reader_attention(probe, layers, positions: torch.Tensor, layout) -> list[np.ndarray]:
+    """Per layer, the larger of two readers' expected attention to each cached token (float64 [T], renormalised
+    to sum 1): the continuation's (after the last cached token) and that of the probe's window before the tail
+    (at its own positions, reading only the tokens before it; zero for the tokens after them).
+
+    The closed loop measures both windows and keeps the larger KL.  Codes fitted to the continuation alone coded
+    the tokens just before that window (the distant past of the continuation) coarsely, so the window read
+    several times the KL the continuation did, and the loop stopped at a fine scale: the continuation landed at
+    0.26-0.51x of the target (docs/soft_pruning.md).  Serving both readers keeps those tokens' steps finer and
+    lets what the loop measures be what the codes were made for (median 11.7x -> 13.5x at 0.01, measured).
+    The tail's own reader sits within one window of the continuation's and is not modelled separately."""
+    tokens = layers[0][0].shape[1]
+    attention = expected_attention(probe.queries, layers, int(positions[-1]) + 1, layout)
+    before = [w.start for w in probe.windows if w.start < probe.kept]
+    if not before or before[0] < 1:
+        return attention
+    cut = before[0]
+    earlier = expected_attention(probe.queries, [(k[:, :cut], v[:, :cut]) for k, v in layers], int(positions[cut]),
+                                 layout)
+    out = []
+    for a, b in zip(attention, earlier):
+        both = np.maximum(a, np.concatenate([b, np.zeros(tokens - cut)]))
+        out.append(both / both.sum())
+    return out
+
+
+def token_step_codes(attention: list[np.ndarray], sink_tokens: int, beta: float = DEFAULT_BETA,
+                     max_code: int = MAX_SOFT_CODE) -> dict:
     """(layer, kind) -> uint8 [T] step codes (the same for a layer's keys and values):
-    ``round(4 * beta * log2(reference / a_t))`` clipped to [0, MAX_TOKEN_CODE], the reference being the
+    ``round(4 * beta * log2(reference / a_t))`` clipped to [0, max_code], the reference being the
     layer's :data:`REFERENCE_QUANTILE` of its non-sink tokens' ``a_t``.  Sink tokens keep code 0, and so does
     every token of layer 0: repeat prediction finds which token repeats which from layer 0's symbols
     (docs/format.md §6.5), and equal tokens have equal symbols there only at equal steps (layer 0 is under
     1 % of a container's bits; sparing it raised the ratio at the measured target, docs/soft_pruning.md)."""
     if not (isinstance(beta, (int, float)) and 0.0 <= beta <= 2.0):
         raise ConfigError(f"token step beta must be in [0, 2], got {beta!r}")
+    if not (isinstance(max_code, int) and 0 <= max_code <= MAX_TOKEN_CODE):
+        raise ConfigError(f"max_code must be an integer in [0, {MAX_TOKEN_CODE}], got {max_code!r}")
     codes = {}
     for layer, a in enumerate(attention):
         c = np.zeros(a.size, dtype=np.uint8)
@@ -81,7 +117,7 @@ def token_step_codes(attention: list[np.ndarray], sink_tokens: int, beta: float 
         if body.size and layer > 0:
             reference = float(np.quantile(body, REFERENCE_QUANTILE))
             raw = np.round(TOKEN_CODES_PER_OCTAVE * beta * np.log2(reference / np.maximum(body, 1e-30)))
-            c[sink_tokens:] = np.clip(raw, 0, MAX_TOKEN_CODE).astype(np.uint8)
+            c[sink_tokens:] = np.clip(raw, 0, max_code).astype(np.uint8)
         codes[(layer, "keys")] = codes[(layer, "values")] = c
     return codes
 
@@ -114,16 +150,19 @@ def attention_weights(attention: list[np.ndarray]) -> dict:
 
 
 def soft_steps(token_steps, probe, layers, positions: torch.Tensor, layout, sink_tokens: int) -> SoftSteps | None:
-    """What an encode uses (None: soft pruning off).  ``token_steps``: True = on, or ConfigError when the
-    closed-loop probe observed no queries; None (the default) or False = off (docs/soft_pruning.md: it
-    raises the ratio at the measured target but makes a later copy of an early passage read 4-11x the KL)."""
+    """What an encode uses (None: soft pruning off).  ``token_steps``: None (the default) = on wherever the
+    closed-loop probe observed queries (a runnable Llama-style model, a ``target_kl``, a cache of 64 tokens or
+    more), else off; True = on, or ConfigError where the probe observed none; False = off (every token the same
+    steps: a later verbatim copy of an early passage reads less KL, docs/soft_pruning.md)."""
     if token_steps is not None and not isinstance(token_steps, bool):
         raise ConfigError(f"token_steps must be True, False or None, got {token_steps!r}")
-    if not token_steps:
+    if token_steps is False:
         return None
     if probe is None or not getattr(probe, "queries", None):
+        if token_steps is None:
+            return None
         raise ConfigError("token_steps=True models the queries the closed-loop probe observes: it needs a "
                           "target_kl, model= a model that runs (Llama-style attention), closed_loop not False "
                           "and a cache of at least 4 x 16 tokens")
-    attention = expected_attention(probe.queries, layers, int(positions[-1]) + 1, layout)
+    attention = reader_attention(probe, layers, positions, layout)
     return SoftSteps(token_step_codes(attention, sink_tokens), attention_weights(attention))

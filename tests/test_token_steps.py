@@ -16,7 +16,9 @@ from seqkv.stages.base import TensorContext
 from seqkv.stages.quantize_klt import (
     MAX_TOKEN_CODE, read_token_codes, token_multipliers, write_token_codes,
 )
-from seqkv.token_importance import REFERENCE_QUANTILE, expected_attention, token_step_codes, uniform_weights
+from seqkv.token_importance import (
+    MAX_SOFT_CODE, REFERENCE_QUANTILE, expected_attention, reader_attention, token_step_codes, uniform_weights,
+)
 from seqkv.wire import Reader
 from conftest import tiny_model, tiny_profile
 
@@ -100,20 +102,25 @@ def test_a_section_whose_code_count_differs_from_its_tokens_is_refused():
         reader.pipeline.quantizer.dequantize(torch.from_numpy(parts.symbols[:, 1:]), parts.side, ctx)
 
 
-def test_encode_soft_prunes_when_asked_and_only_then():
+def test_encode_soft_prunes_by_default_where_the_probe_observes_queries():
     model = tiny_model("llama")
     profile = tiny_profile("llama")
     ids, cache = _cache(model, tokens=96)
     soft = seqkv.encode(cache, model=model, profile=profile, target_kl=0.05, token_ids=ids, token_steps=True)
     assert seqkv.inspect(soft)["pipeline"]["quantizer"].get("token_steps") is True
-    for kwargs in (dict(token_ids=ids), dict(token_ids=ids, token_steps=False), dict(closed_loop=False)):
+    default = seqkv.encode(cache, model=model, profile=profile, target_kl=0.05, token_ids=ids)
+    assert default == soft
+    # off when asked, without a closed loop, and with the measured start (its sensitivities are uniform steps')
+    for kwargs in (dict(token_ids=ids, token_steps=False), dict(closed_loop=False),
+                   dict(token_ids=ids, loop_start="measured")):
         plain = seqkv.encode(cache, model=model, profile=profile, target_kl=0.05, **kwargs)
         assert "token_steps" not in seqkv.inspect(plain)["pipeline"]["quantizer"]
     seqkv.decode(soft, profile=profile)
 
 
 @pytest.mark.parametrize("kwargs", [dict(closed_loop=False, token_steps=True), dict(scale=0.05, token_steps=True),
-                                    dict(target_kl=0.05, token_steps="yes")])
+                                    dict(target_kl=0.05, token_steps="yes"),
+                                    dict(target_kl=0.05, token_steps=True, loop_start="measured")])
 def test_token_steps_needs_the_probe(kwargs):
     model = tiny_model("llama")
     ids, cache = _cache(model, tokens=96)
@@ -140,6 +147,15 @@ def test_codes_follow_attention_and_spare_sinks_and_important_tokens():
     assert codes.max() > 0
     with pytest.raises(ConfigError):
         token_step_codes([a], 4, beta=-1)
+    # the encoder's codes stop at MAX_SOFT_CODE (4x steps); the cap binds on the least attended tokens
+    spread = np.exp(np.linspace(0, -20, tokens))
+    capped = token_step_codes([spread, spread], 4)[(1, "keys")]
+    uncapped = token_step_codes([spread, spread], 4, max_code=MAX_TOKEN_CODE)[(1, "keys")]
+    assert capped.max() == MAX_SOFT_CODE < uncapped.max()
+    assert np.array_equal(capped, np.minimum(uncapped, MAX_SOFT_CODE))
+    for bad in (-1, MAX_TOKEN_CODE + 1, 2.5):
+        with pytest.raises(ConfigError):
+            token_step_codes([a], 4, max_code=bad)
 
 
 def test_the_probe_observes_the_tail_and_the_window_before_it():
@@ -159,3 +175,40 @@ def test_the_probe_observes_the_tail_and_the_window_before_it():
     assert len(probe.windows) == 2 and len(tail_only.windows) == 1 and probe.tokens == 40
     # only the tail's ids: the probe works, but observes nothing (token_steps=True then refuses)
     assert tail_only.queries == {}
+
+
+def test_codes_serve_the_window_before_the_tail_too():
+    """The loop measures the window before the tail: the attention its reader pays a token (renormalised) is a
+    floor under the token's importance, next to the continuation's."""
+    model = tiny_model("llama")
+    ids, cache = _cache(model, tokens=80)
+    layers = cache_layers(cache)
+    from seqkv.kl_probe import TailProbe
+    from seqkv.layout import layout_from_model
+    layout = layout_from_model(model)
+    probe = TailProbe(model, layers, torch.arange(80), ids, 20)
+    cut = probe.windows[1].start
+    both = reader_attention(probe, layers, torch.arange(80), layout)
+    later = expected_attention(probe.queries, layers, 80, layout)
+    earlier = expected_attention(probe.queries, [(k[:, :cut], v[:, :cut]) for k, v in layers], cut, layout)
+    for b, a, e in zip(both, later, earlier):
+        assert b.shape == (80,) and b.sum() == pytest.approx(1.0) and (b >= 0).all()
+        unnormalised = b * np.maximum(a, np.concatenate([e, np.zeros(80 - cut)])).sum()
+        assert np.allclose(unnormalised[:cut], np.maximum(a[:cut], e)) and np.allclose(unnormalised[cut:], a[cut:])
+        assert (e > a[:cut]).any()   # the window's reader does weigh some tokens more than the continuation's
+    # a probe of its tail alone has one reader: the continuation's
+    tail_only = TailProbe(model, layers, torch.arange(80), ids, 20)
+    tail_only.windows = tail_only.windows[:1]
+    assert all(np.allclose(x, y) for x, y in zip(reader_attention(tail_only, layers, torch.arange(80), layout), later))
+
+
+@pytest.mark.parametrize("flags, message", [(["--no-soft-prune"], "--no-soft-prune is for --target-kl"),
+                                            (["--no-soft-prune", "--bits-per-element", "3"], "--no-soft-prune is for"),
+                                            (["--soft-prune", "--no-soft-prune", "--target-kl", "0.01"], "contradict")])
+def test_cli_soft_prune_flags_are_checked(tmp_path, capsys, flags, message):
+    from seqkv.cli import main
+
+    assert main(["encode", *flags, "-o", str(tmp_path / "x.skv")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x.skv").exists()
+
