@@ -2,7 +2,7 @@
 
     python bench/closed_loop_eval.py --out docs/closed_loop                       # the shipped profile
     python bench/closed_loop_eval.py --profile P --out /tmp/single                # another profile file
-    python bench/closed_loop_eval.py --loops closed,closed+soft --out /tmp/soft     # soft pruning's gain
+    python bench/closed_loop_eval.py --loops closed,closed-uniform --out /tmp/soft  # soft pruning's gain
     python bench/closed_loop_eval.py --loops closed,closed@measured --out /tmp/start # the measured start
 
 For each text and target: the design notes §5 protocol (SmolLM2-135M-Instruct, P=2048 tokens prefilled,
@@ -33,9 +33,12 @@ TEXTS = ["seqkv/data/texts/psf_license.txt", "bench/texts_heldout/gpl3.txt",
          "bench/texts_heldout/subprocess_source.txt", "bench/texts_heldout/stdlib_h.txt"]
 
 
-LOOPS = {"open": dict(closed_loop=False), "closed": dict(closed_loop=True, token_steps=False),
-         # the closed loop started at the prediction with the cache's measured sensitivities, not the profile's
-         "closed@measured": dict(closed_loop=True, token_steps=False, loop_start="measured"),
+LOOPS = {"open": dict(closed_loop=False),
+         # the default encode with a model: measured, soft pruning on (the probe observes SmolLM2's queries)
+         "closed": dict(closed_loop=True),
+         "closed-uniform": dict(closed_loop=True, token_steps=False),
+         # the closed loop started at the prediction with the cache's measured sensitivities (uniform steps)
+         "closed@measured": dict(closed_loop=True, loop_start="measured"),
          "closed+soft": dict(closed_loop=True, token_steps=True)}
 
 
@@ -60,10 +63,12 @@ def main(argv=None) -> int:
     ap.add_argument("--text", action="append", help="text files (default: four texts no profile was calibrated on)")
     ap.add_argument("--targets", default="0.01,0.001")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--loops", default="open,closed,closed+soft",
-                    help="which encodes, in one run: open (prediction only), closed (measured, uniform token steps: "
-                         "the default encode with a model), closed@measured (the same, the search started at the "
-                         "prediction with the cache's measured sensitivities), closed+soft (measured, per-token steps from attention)")
+    ap.add_argument("--loops", default="open,closed,closed-uniform",
+                    help="which encodes, in one run: open (prediction only), closed (the default encode with a "
+                         "model: measured, per-token steps from attention), closed-uniform (measured, every token "
+                         "the same steps: the default before soft pruning was), closed@measured (uniform steps, the "
+                         "search started at the prediction with the cache's measured sensitivities), closed+soft "
+                         "(token_steps=True: the same containers as closed here)")
     ap.add_argument("--out", required=True, help="writes OUT.json and OUT.md")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -80,7 +85,8 @@ def main(argv=None) -> int:
                 rows.append(r)
     meta = {"profile": args.profile, "profile_sha256": profile.codec_hash, "model": "SmolLM2-135M-Instruct",
             "prompt_len": 2048, "continuation_len": 256, "cache_dtype": "float16", "threads": args.threads,
-            "seqkv": seqkv.__version__}
+            "seqkv": seqkv.__version__,
+            "command": "python bench/closed_loop_eval.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     with open(args.out + ".json", "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     with open(args.out + ".md", "w") as f:
@@ -89,7 +95,7 @@ def main(argv=None) -> int:
 
 
 def markdown(rows, meta) -> str:
-    lines = [f"Profile: {meta['profile']} (codec sha256 {meta['profile_sha256'][:16]}…); {meta['model']}, "
+    lines = [f"Written by `{meta['command']}`.", "", f"Profile: {meta['profile']} (codec sha256 {meta['profile_sha256'][:16]}…); {meta['model']}, "
              f"P={meta['prompt_len']}, C={meta['continuation_len']}, {meta['cache_dtype']} cache, "
              f"{meta['threads']} torch threads.", "",
              "| text | target | loop | ratio | measured mean KL | / target | p99 KL | top-1 | probe KL | predicted KL "

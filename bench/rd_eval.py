@@ -1,7 +1,7 @@
 """Rate-distortion of the calibrated codec against the presets and the anchors (issue 3).
 
-    python bench/rd_eval.py --profile smollm2.profile            # ~15 min on 2 cores
-    python bench/rd_eval.py --profile smollm2.profile --quick    # two texts, fewer points
+    python bench/rd_eval.py                                      # the shipped profile; ~45 min on 2 cores
+    python bench/rd_eval.py --profile smollm2.profile --quick    # another profile; two texts, two targets
 
 Protocol of design notes §5 (SmolLM2-135M, P=2048, C=256, fp16 cache, KL against the
 uncompressed run, every container byte counted).  The profile must be calibrated on text other
@@ -12,13 +12,17 @@ Rows per text: zstd-3; the presets near_lossless / balanced / small; the TurboQu
 favours the anchor over its fixed-rate original); HF QuantizedCache's quanto int4 (if
 optimum-quanto is installed: axis 0, group 64, as HF quantizes a prefill; bytes = the packed int4
 data + fp16 scale and shift per group of 64, i.e. 4.5 bits/element);
-the calibrated codec at several target_kl values, and the same without repeat prediction ("before": the
-codec as issue 13 found it).  Writes docs/rd.md, docs/rd.json, docs/rd_curve.png.
+the calibrated codec at several target_kl values as ``encode`` makes it by default with the model at hand
+(closed loop, soft pruning), and the same with every token at the same steps (``uniform:``, token_steps=False:
+the default before soft pruning was; repeat prediction on in both; the codec as issue 13 found it, without
+repeat prediction either, is the stop-20 run's ``before:`` rows: docs/repeat_prediction.md).  Every
+target_kl row is a closed-loop encode (~15-50 s each).  Writes docs/rd.md, docs/rd.json, docs/rd_curve.png.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -28,13 +32,13 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from seqkv import Profile  # noqa: E402
+from seqkv import Profile, shipped_profile  # noqa: E402
 from seqkv.embedded_model import load_embedded_model  # noqa: E402
 from seqkv.evaluate import EvalRow, evaluate_text, load_token_ids  # noqa: E402
 from seqkv.quality import QualityProbe, clone_cache  # noqa: E402
 
 TEXTS = ["python_reference.txt", "psf_license.txt", "inspect_source.txt", "email_message_source.txt"]
-TARGETS = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.04]
+TARGETS = [0.001, 0.002, 0.005, 0.01, 0.02]
 RATES = [2.0]  # bits/element: 8x, to read the KL off at the ratio target
 ANCHORS = {"turboquant-4bit": {"preset": "balanced", "rotation": "hadamard", "quantizer": "lloydmax", "bits": 4},
            "turboquant-3bit": {"preset": "balanced", "rotation": "hadamard", "quantizer": "lloydmax", "bits": 3}}
@@ -86,9 +90,9 @@ def plot(results: dict, path: str) -> None:
             sel = [r for r in rows if pred(r["name"]) and r["mean_kl"]]
             return [r["mean_kl"] for r in sel], [r["ratio"] for r in sel]
 
-        ax.plot(*pts(lambda n: n.startswith("target_kl")), "o-", label="seqkv calibrated (target_kl)")
-        ax.plot(*pts(lambda n: n.startswith("before: target_kl")), "o:", color="lightsteelblue",
-                label="seqkv calibrated before repeat prediction")
+        ax.plot(*pts(lambda n: n.startswith("target_kl")), "o-", label="seqkv target_kl (default: soft pruning)")
+        ax.plot(*pts(lambda n: n.startswith("uniform: target_kl")), "o:", color="lightsteelblue",
+                label="seqkv target_kl, uniform steps")
         ax.plot(*pts(lambda n: n.startswith("bits_per_element")), "D", label="seqkv calibrated, 2.0 bits/elem")
         ax.plot(*pts(lambda n: n in ("near_lossless", "balanced", "small")), "s--", label="seqkv presets (no profile)")
         ax.plot(*pts(lambda n: n.startswith("turboquant")), "^", label="TurboQuant-style 3/4-bit")
@@ -110,15 +114,15 @@ def plot(results: dict, path: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--profile", required=True)
+    ap.add_argument("--profile", default="shipped", help="a profile file, or 'shipped' (default)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=os.path.join(ROOT, "docs"))
     ap.add_argument("--redo-quanto", action="store_true",
                     help="re-measure only the quanto rows of an existing rd.json (then re-render the outputs)")
     args = ap.parse_args()
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    profile = Profile.load(args.profile)
     model, tok = load_embedded_model()
+    profile = shipped_profile(model) if args.profile == "shipped" else Profile.load(args.profile)
     texts = TEXTS[:2] if args.quick else TEXTS
     if args.redo_quanto:
         with open(os.path.join(args.out, "rd.json")) as f:
@@ -138,9 +142,9 @@ def main() -> None:
         plot(saved["results"], os.path.join(args.out, "rd_curve.png"))
         return
     targets = [0.001, 0.01] if args.quick else TARGETS
-    # "before": the calibrated codec as it was when issue 13 was filed (no repeat prediction, format 1.1)
+    # "uniform": every token the same steps (the default encode before soft pruning was; repeat prediction on)
     configs = {**ANCHORS, **{f"target_kl={t}": {"target_kl": t} for t in targets},
-               **{f"before: target_kl={t}": {"target_kl": t, "repeat": False} for t in targets},
+               **{f"uniform: target_kl={t}": {"target_kl": t, "token_steps": False} for t in targets},
                **{f"bits_per_element={b}": {"bits_per_element": b} for b in RATES}}
     results = {}
     for name in texts:
@@ -166,17 +170,52 @@ def main() -> None:
     plot(results, os.path.join(args.out, "rd_curve.png"))
 
 
+def ratio_at_kl(rows: list, prefix: str, kl: float) -> float | None:
+    """The ratio of the curve of rows named ``prefix...`` at measured mean KL ``kl``, interpolated linearly
+    in log ratio vs log KL between the two measured points around it (None outside the measured range)."""
+    points = sorted((r["mean_kl"], r["ratio"]) for r in rows if r["name"].startswith(prefix) and r["mean_kl"])
+    for (k0, r0), (k1, r1) in zip(points, points[1:]):
+        if k0 <= kl <= k1 and k0 < k1:
+            t = (math.log(kl) - math.log(k0)) / (math.log(k1) - math.log(k0))
+            return math.exp(math.log(r0) + t * (math.log(r1) - math.log(r0)))
+    return None
+
+
+MATCHED_KL = (0.001, 0.005, 0.01)
+CURVES = {"default (soft pruning)": "target_kl=", "uniform steps": "uniform: target_kl="}
+
+
+def matched_kl_table(results: dict) -> list[str]:
+    """Soft pruning's gain at matched *measured* KL: each curve's ratio (and bits/element) read off at the
+    same KL, per text."""
+    head = "| text | " + " | ".join(f"{name} at KL {kl:g}" for kl in MATCHED_KL for name in CURVES) + " |"
+    lines = [head, "|" + "---|" * (1 + len(MATCHED_KL) * len(CURVES))]
+    for text, rows in results.items():
+        cells = []
+        for kl in MATCHED_KL:
+            for prefix in CURVES.values():
+                r = ratio_at_kl(rows, prefix, kl)
+                cells.append("–" if r is None else f"{r:.2f}x ({16 / r:.3f} b/e)")
+        lines.append(f"| {text} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def write_markdown(results: dict, meta: dict, path: str) -> None:
     p = meta["profile"]
     lines = ["# Rate-distortion: calibrated codec vs presets and anchors", "",
-             "Generated by `python bench/rd_eval.py --profile PROFILE` (SmolLM2-135M-Instruct, P=2048, C=256, fp16 cache; "
+             f"Generated by `python bench/rd_eval.py{'' if p.get('file') == 'shipped' else ' --profile ' + p.get('file', 'PROFILE')}` (SmolLM2-135M-Instruct, P=2048, C=256, fp16 cache; "
              "ratio = raw fp16 bytes / all container bytes; KL = mean KL(p_ref || p_codec) over the continuation).", "",
              f"Profile: {p['bytes']} bytes (reported separately, shared by every cache of the model), sha256 {p['sha256'][:16]}…, "
              f"kl_gain {p['kl_gain']:.3f}, calibrated on {', '.join(p['calibration'].get('texts', []))} — none of them an evaluation text.",
-             "", "`before:` rows are the calibrated codec without repeat prediction (`repeat=False`: the codec as issue 13 "
-             "found it); they decode to the same cache, so their KL equals the row above's.  The MB/s columns are one "
-             "timed run each on a machine shared with other benchmarks: compare speeds with bench/bench_codec.py.",
-             "", "![RD curve](rd_curve.png)", ""]
+             "", "`target_kl=` rows are `encode(cache, model=model, target_kl=...)` as it is by default: the KL measured "
+             "on the cache's own last tokens (closed loop), soft pruning on.  `uniform:` rows are the same with every "
+             "token at the same steps (`token_steps=False`, the default before soft pruning).  The enc MB/s column "
+             "includes the closed loop's model runs.  The MB/s columns are one timed run each: compare speeds with "
+             "bench/bench_codec.py.",
+             "", "![RD curve](rd_curve.png)", "",
+             "Ratio at matched measured KL (each curve interpolated in log-log between its two closest closed-loop "
+             "points; – where the curve's points do not bracket that KL; b/e = bits per element = 16 / ratio):", "",
+             *matched_kl_table(results), ""]
     for text, rows in results.items():
         lines += [f"## {text}", "", "| codec | ratio | bits/elem | mean KL | predicted KL | p99 KL | top-1 | ppl ratio | enc MB/s | dec MB/s |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
