@@ -5,7 +5,8 @@
 
 For each text (design notes §5: SmolLM2-135M-Instruct, P=2048, C=256, fp16 cache) and each fixed quantizer
 scale, the calibrated codec (shipped profile) codes the cache with per-token step codes from one importance
-estimate (``seqkv.token_importance.token_step_codes``: beta 0.35, reference quantile 0.99), and reports the
+estimate (``seqkv.token_importance.token_step_codes``: beta 0.35, reference quantile 0.99, codes up to
+``--max-code``: 40 by default, as when docs/soft_pruning_sweep.* was made; the encoder's own cap is 8), and reports the
 ratio (every container byte), the mean KL of the teacher-forced continuation (what the user gets) and the
 mean KL on the closed-loop probe's tail (the cache's last 256 tokens; ``probe_kl_both_windows`` in the JSON
 is what rate control steers by now, the larger of the tail's and the 256 tokens' before it), and the
@@ -43,6 +44,7 @@ from seqkv.hf_adapter import build_cache, cache_layers  # noqa: E402
 from seqkv.kl_probe import TailProbe, probe_length  # noqa: E402
 from seqkv.layout import layout_for_cache  # noqa: E402
 from seqkv.quality import QualityProbe  # noqa: E402
+from seqkv.stages.quantize_klt import MAX_TOKEN_CODE  # noqa: E402
 from seqkv.stages.rope import apply_rope  # noqa: E402
 from seqkv.token_importance import SoftSteps, attention_weights, expected_attention, token_step_codes  # noqa: E402
 
@@ -99,6 +101,7 @@ def main(argv=None) -> int:
     ap.add_argument("--scales", default="0.015,0.025")
     ap.add_argument("--estimators", default="none,observed-tail,observed-window,observed-both,expected")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--max-code", type=int, default=MAX_TOKEN_CODE, help="the largest step code (default 40)")
     ap.add_argument("--out", required=True, help="writes OUT.json and OUT.md")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -115,8 +118,9 @@ def main(argv=None) -> int:
         probe = TailProbe(model, layers, positions, ids[0, :2048], probe_length(2048))
         found = estimates(probe, layers, positions, layout)
         for name in args.estimators.split(","):
-            soft = None if name == "none" else SoftSteps(token_step_codes(found[name], profile.sink_tokens),
-                                                         attention_weights(found[name]))
+            codes = None if name == "none" else token_step_codes(found[name], profile.sink_tokens,
+                                                                 max_code=args.max_code)
+            soft = None if codes is None else SoftSteps(codes, attention_weights(found[name]))
             for scale in (float(s) for s in args.scales.split(",")):
                 blob = encode_at(profile, model, layers, scale, soft)
                 reader = open_container(blob)
