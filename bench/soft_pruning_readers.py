@@ -18,7 +18,8 @@ Variants (all: beta 0.35, reference quantile 0.99, sinks and layer 0 at code 0):
   (``seqkv.token_importance.reader_attention``), codes up to 40;
 * ``both-cap8``: the same, codes up to 8 (4x steps): what ``seqkv.encode`` does by default; this variant calls
   the library's own ``soft_steps``, so its rows are the library's containers;
-* ``uniform``: every token the same steps (``token_steps=False``).
+* ``uniform``: every token the same steps (``token_steps=False``);
+* ``both-capN`` / ``continuation-capN``: either reader model with codes up to N (0-40).
 """
 from __future__ import annotations
 
@@ -55,16 +56,19 @@ def variant_steps(name: str):
     if name == "uniform":
         return lambda *args: None
 
+    readers, _, cap = name.partition("-cap")
+    if readers not in ("continuation", "both") or not (cap == "" or cap.isdigit()):
+        raise SystemExit(f"unknown variant {name!r}")
+    max_code = int(cap) if cap else MAX_TOKEN_CODE
+
     def soft_steps(token_steps, probe, layers, positions, layout, sink_tokens):
         if token_steps is False or probe is None or not probe.queries:
             return None
-        if name == "continuation":
+        if readers == "continuation":
             attention = expected_attention(probe.queries, layers, int(positions[-1]) + 1, layout)
-        elif name == "both":
-            attention = reader_attention(probe, layers, positions, layout)
         else:
-            raise SystemExit(f"unknown variant {name!r}")
-        codes = token_importance.token_step_codes(attention, sink_tokens, max_code=MAX_TOKEN_CODE)
+            attention = reader_attention(probe, layers, positions, layout)
+        codes = token_importance.token_step_codes(attention, sink_tokens, max_code=max_code)
         return SoftSteps(codes, attention_weights(attention))
     return soft_steps
 
