@@ -146,23 +146,27 @@ def cmd_encode(args) -> int:
     return 0
 
 
+def _require_kl_target(args, targets: dict, flag: str, why: str) -> None:
+    """A closed-loop flag needs a KL target: --target-kl, or --profile alone (its default 0.01), and no option
+    set so far in ``targets``."""
+    if args.target_kl is None and (args.profile is None or targets):
+        raise SeqKVError(f"{flag} is for --target-kl ({why})")
+
+
 def _encode_options(args) -> dict:
     """encode() keywords from --preset/--step or --profile with one rate target."""
     targets = {k: v for k, v in [("target_kl", args.target_kl), ("bits_per_element", args.bits_per_element),
                                  ("max_bytes", args.max_bytes)] if v is not None}
     if getattr(args, "open_loop", False):
-        if args.target_kl is None and (args.profile is None or targets):
-            raise SeqKVError("--open-loop is for --target-kl (a rate or byte target is met exactly either way)")
+        _require_kl_target(args, targets, "--open-loop", "a rate or byte target is met exactly either way")
         targets["closed_loop"] = False
     if getattr(args, "soft_prune", False):
-        if args.target_kl is None and (args.profile is None or targets):
-            raise SeqKVError("--soft-prune is for --target-kl (soft pruning reads the closed loop's probe)")
+        _require_kl_target(args, targets, "--soft-prune", "soft pruning reads the closed loop's probe")
         targets["token_steps"] = True
     if getattr(args, "no_soft_prune", False):
         if getattr(args, "soft_prune", False):
             raise SeqKVError("--soft-prune and --no-soft-prune contradict each other")
-        if args.target_kl is None and (args.profile is None or targets):
-            raise SeqKVError("--no-soft-prune is for --target-kl (soft pruning is only ever on in the closed loop)")
+        _require_kl_target(args, targets, "--no-soft-prune", "soft pruning is only ever on in the closed loop")
         targets["token_steps"] = False
     if getattr(args, "no_repeat", False):
         if args.profile is None and not targets:
