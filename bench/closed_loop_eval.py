@@ -95,7 +95,8 @@ def main(argv=None) -> int:
 
 
 def markdown(rows, meta) -> str:
-    lines = [f"Written by `{meta['command']}`.", "", f"Profile: {meta['profile']} (codec sha256 {meta['profile_sha256'][:16]}…); {meta['model']}, "
+    lines = [f"Written by `{meta['command']}`.", "",
+             f"Profile: {meta['profile']} (codec sha256 {meta['profile_sha256'][:16]}…); {meta['model']}, "
              f"P={meta['prompt_len']}, C={meta['continuation_len']}, {meta['cache_dtype']} cache, "
              f"{meta['threads']} torch threads.", "",
              "| text | target | loop | ratio | measured mean KL | / target | p99 KL | top-1 | probe KL | predicted KL "
