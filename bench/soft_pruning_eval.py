@@ -6,7 +6,8 @@
 For each text (design notes §5: SmolLM2-135M-Instruct, P=2048, C=256, fp16 cache) and each fixed quantizer
 scale, the calibrated codec (shipped profile) codes the cache with per-token step codes from one importance
 estimate (``seqkv.token_importance.token_step_codes``: beta 0.35, reference quantile 0.99, codes up to
-``--max-code``: 40 by default, as when docs/soft_pruning_sweep.* was made; the encoder's own cap is 8), and reports the
+``--max-code``: 40 by default, as when docs/soft_pruning_sweep.* was made; the encoder's own cap is 8; every
+recent token keeps the code its importance gives, where the encoder spares the last 64), and reports the
 ratio (every container byte), the mean KL of the teacher-forced continuation (what the user gets) and the
 mean KL on the closed-loop probe's tail (the cache's last 256 tokens; ``probe_kl_both_windows`` in the JSON
 is what rate control steers by now, the larger of the tail's and the 256 tokens' before it), and the
@@ -119,7 +120,7 @@ def main(argv=None) -> int:
         found = estimates(probe, layers, positions, layout)
         for name in args.estimators.split(","):
             codes = None if name == "none" else token_step_codes(found[name], profile.sink_tokens,
-                                                                 max_code=args.max_code)
+                                                                 max_code=args.max_code, recent_tokens=0)
             soft = None if codes is None else SoftSteps(codes, attention_weights(found[name]))
             for scale in (float(s) for s in args.scales.split(",")):
                 blob = encode_at(profile, model, layers, scale, soft)

@@ -12,14 +12,21 @@ measurement the loop made (tail first), and once per variant the copy probe of d
 psf_license.txt, 32 fresh tokens, 256 tokens repeated from 25 % into the prefix) at ``target_kl=0.01``.
 
 Variants (all: beta 0.35, reference quantile 0.99, sinks and layer 0 at code 0):
+* ``default``: what ``seqkv.encode`` does (the library's own ``soft_steps``, so its rows are the library's
+  containers): both readers, codes up to 8, the last 64 tokens at code 0;
 * ``continuation``: the continuation's expected attention only, codes up to 40 (``token_steps=True`` before
   this bench was written);
 * ``both``: the larger of the continuation's and the window-before-the-tail reader's expected attention
   (``seqkv.token_importance.reader_attention``), codes up to 40;
-* ``both-cap8``: the same, codes up to 8 (4x steps): what ``seqkv.encode`` does by default; this variant calls
-  the library's own ``soft_steps``, so its rows are the library's containers;
+* ``both-cap8``: the same, codes up to 8 (4x steps): the library's default from stop 22 until the recent tokens
+  were spared;
 * ``uniform``: every token the same steps (``token_steps=False``);
-* ``both-capN`` / ``continuation-capN``: either reader model with codes up to N (0-40).
+* ``both-capN`` / ``continuation-capN``: either reader model with codes up to N (0-40);
+* ``both-recentR-capN``: ``both-capN`` with the last R tokens at code 0 (``default`` is ``both-recent64-cap8``);
+* ``both-nearH-capN``: ``both-capN`` with a third reader, the continuation's expected attention with the RoPE
+  averaged over the next H positions only (its first queries, which read the last tokens most).
+Variants without ``recent`` keep every recent token's code as the readers give it (``recent_tokens=0``), as
+they were run before the recent tokens were spared.
 """
 from __future__ import annotations
 
@@ -51,12 +58,17 @@ LIBRARY_SOFT_STEPS = codec.soft_steps
 
 def variant_steps(name: str):
     """The ``soft_steps`` replacement of one variant (same signature as the library's)."""
-    if name == "both-cap8":
+    if name == "default":
         return LIBRARY_SOFT_STEPS
     if name == "uniform":
         return lambda *args: None
 
     readers, _, cap = name.partition("-cap")
+    near = recent = 0
+    if readers.startswith("both-near"):
+        readers, near = "both", int(readers[len("both-near"):])
+    elif readers.startswith("both-recent"):
+        readers, recent = "both", int(readers[len("both-recent"):])
     if readers not in ("continuation", "both") or not (cap == "" or cap.isdigit()):
         raise SystemExit(f"unknown variant {name!r}")
     max_code = int(cap) if cap else MAX_TOKEN_CODE
@@ -67,8 +79,8 @@ def variant_steps(name: str):
         if readers == "continuation":
             attention = expected_attention(probe.queries, layers, int(positions[-1]) + 1, layout)
         else:
-            attention = reader_attention(probe, layers, positions, layout)
-        codes = token_importance.token_step_codes(attention, sink_tokens, max_code=max_code)
+            attention = reader_attention(probe, layers, positions, layout, near_positions=near)
+        codes = token_importance.token_step_codes(attention, sink_tokens, max_code=max_code, recent_tokens=recent)
         return SoftSteps(codes, attention_weights(attention))
     return soft_steps
 
@@ -96,7 +108,7 @@ class WindowLog:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variants", default="continuation,both,both-cap8")
+    ap.add_argument("--variants", default="continuation,both,both-cap8,default")
     ap.add_argument("--targets", default="0.01")
     ap.add_argument("--text", action="append", help="text files (default: the four texts of closed_loop_eval.py)")
     ap.add_argument("--threads", type=int, default=2)

@@ -14,8 +14,8 @@ whose mean and covariance are those of the queries the closed-loop probe observe
 averaged over the next :data:`FUTURE_POSITIONS` positions; a token's score is ``mu·k/sqrt(d) + k'Σk/(2d)``,
 softmaxed over the tokens and averaged over the query heads; taken for the continuation and for the probe's
 window before the tail, the larger of the two (:func:`reader_attention`).  Codes stop at
-:data:`MAX_SOFT_CODE`.  It is on by default in the closed loop (:func:`soft_steps`).  Measured on four held-out texts
-(docs/soft_pruning.md), the attention the observed queries *themselves* paid made the codes fit those
+:data:`MAX_SOFT_CODE`; the last :data:`RECENT_TOKENS` tokens, which the probe cannot measure, keep code 0.
+It is on by default in the closed loop (:func:`soft_steps`).  Measured on four held-out texts (docs/soft_pruning.md), the attention the observed queries *themselves* paid made the codes fit those
 queries: the probe then read 0.3-0.9x the target where the continuation read up to 6.9x; with the expected
 attention the continuation/probe ratio stays within 0.5-1.8x, as without soft pruning (0.7-1.5x).
 Every token at least as important as the layer's :data:`REFERENCE_QUANTILE` keeps code 0.
@@ -38,6 +38,12 @@ FUTURE_POSITIONS = 512       # the RoPE rotation of the queries to come is avera
 # copy of an early passage; at 8 the copy probe read a third of the KL it read uncapped at the same median ratio
 # (docs/soft_pruning.md)
 MAX_SOFT_CODE = 8
+# The last tokens keep full precision: the probe re-reads its tail after the tokens before it, so it never reads
+# the tail's own decoded KV, while the continuation's first queries read the last few dozen tokens most (local
+# heads, which the RoPE averaged over FUTURE_POSITIONS blurs away).  Coded up to 4x coarser, they let
+# python_reference's continuation read 1.33x the target at 0.001 with the probe at 0.82x; at code 0, 0.72x at
+# the same ratio (docs/soft_pruning.md)
+RECENT_TOKENS = 64
 
 
 def average_rope_rotation(layout, start: int, count: int) -> torch.Tensor:
@@ -48,12 +54,14 @@ def average_rope_rotation(layout, start: int, count: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def expected_attention(queries: dict, layers, next_position: int, layout) -> list[np.ndarray]:
+def expected_attention(queries: dict, layers, next_position: int, layout,
+                       horizon: int = FUTURE_POSITIONS) -> list[np.ndarray]:
     """Per layer, the expected attention weight of each of the T cached tokens (float64 [T], sums to 1).
 
     ``queries``: layer -> observed pre-RoPE queries [query_heads, n, head_dim]; ``layers``: the cache's
-    (keys, values), keys post-RoPE [kv_heads, T, head_dim]; ``next_position``: the position after the cache."""
-    rotation = average_rope_rotation(layout, next_position, FUTURE_POSITIONS)
+    (keys, values), keys post-RoPE [kv_heads, T, head_dim]; ``next_position``: the position after the cache;
+    ``horizon``: over how many positions from there the queries' RoPE rotation is averaged."""
+    rotation = average_rope_rotation(layout, next_position, horizon)
     out = []
     for index, (keys, _values) in enumerate(layers):
         q = queries.get(index)
@@ -72,7 +80,8 @@ def expected_attention(queries: dict, layers, next_position: int, layout) -> lis
 
 
 @torch.no_grad()
-def reader_attention(probe, layers, positions: torch.Tensor, layout) -> list[np.ndarray]:
+def reader_attention(probe, layers, positions: torch.Tensor, layout,
+                     near_positions: int = 0) -> list[np.ndarray]:
     """Per layer, the larger of two readers' expected attention to each cached token (float64 [T], renormalised
     to sum 1): the continuation's (after the last cached token) and that of the probe's window before the tail
     (at its own positions, reading only the tokens before it; zero for the tokens after them).
@@ -82,9 +91,15 @@ def reader_attention(probe, layers, positions: torch.Tensor, layout) -> list[np.
     several times the KL the continuation did, and the loop stopped at a fine scale: the continuation landed at
     0.26-0.51x of the target (docs/soft_pruning.md).  Serving both readers keeps those tokens' steps finer and
     lets what the loop measures be what the codes were made for (median 11.7x -> 13.5x at 0.01, measured).
-    The tail's own reader sits within one window of the continuation's and is not modelled separately."""
+    The tail's own reader sits within one window of the continuation's and is not modelled separately.
+    ``near_positions`` (0: none, the default) adds a third reader, the continuation's with the RoPE averaged over
+    only that many positions (its first queries); measured as an alternative to sparing the recent tokens
+    (``bench/soft_pruning_readers.py`` variant ``both-near16-cap8``), it is not what the encoder uses."""
     tokens = layers[0][0].shape[1]
     attention = expected_attention(probe.queries, layers, int(positions[-1]) + 1, layout)
+    if near_positions:
+        near = expected_attention(probe.queries, layers, int(positions[-1]) + 1, layout, near_positions)
+        attention = [np.maximum(a, b) / np.maximum(a, b).sum() for a, b in zip(attention, near)]
     before = [w.start for w in probe.windows if w.start < probe.kept]
     if not before or before[0] < 1:
         return attention
@@ -99,10 +114,11 @@ def reader_attention(probe, layers, positions: torch.Tensor, layout) -> list[np.
 
 
 def token_step_codes(attention: list[np.ndarray], sink_tokens: int, beta: float = DEFAULT_BETA,
-                     max_code: int = MAX_SOFT_CODE) -> dict:
+                     max_code: int = MAX_SOFT_CODE, recent_tokens: int = RECENT_TOKENS) -> dict:
     """(layer, kind) -> uint8 [T] step codes (the same for a layer's keys and values):
     ``round(4 * beta * log2(reference / a_t))`` clipped to [0, max_code], the reference being the
-    layer's :data:`REFERENCE_QUANTILE` of its non-sink tokens' ``a_t``.  Sink tokens keep code 0, and so does
+    layer's :data:`REFERENCE_QUANTILE` of its non-sink tokens' ``a_t``.  Sink tokens and the last
+    ``recent_tokens`` (:data:`RECENT_TOKENS`) keep code 0, and so does
     every token of layer 0: repeat prediction finds which token repeats which from layer 0's symbols
     (docs/format.md §6.5), and equal tokens have equal symbols there only at equal steps (layer 0 is under
     1 % of a container's bits; sparing it raised the ratio at the measured target, docs/soft_pruning.md)."""
@@ -110,6 +126,8 @@ def token_step_codes(attention: list[np.ndarray], sink_tokens: int, beta: float 
         raise ConfigError(f"token step beta must be in [0, 2], got {beta!r}")
     if not (isinstance(max_code, int) and 0 <= max_code <= MAX_TOKEN_CODE):
         raise ConfigError(f"max_code must be an integer in [0, {MAX_TOKEN_CODE}], got {max_code!r}")
+    if isinstance(recent_tokens, bool) or not (isinstance(recent_tokens, int) and recent_tokens >= 0):
+        raise ConfigError(f"recent_tokens must be a non-negative integer, got {recent_tokens!r}")
     codes = {}
     for layer, a in enumerate(attention):
         c = np.zeros(a.size, dtype=np.uint8)
@@ -118,6 +136,7 @@ def token_step_codes(attention: list[np.ndarray], sink_tokens: int, beta: float 
             reference = float(np.quantile(body, REFERENCE_QUANTILE))
             raw = np.round(TOKEN_CODES_PER_OCTAVE * beta * np.log2(reference / np.maximum(body, 1e-30)))
             c[sink_tokens:] = np.clip(raw, 0, max_code).astype(np.uint8)
+            c[max(sink_tokens, a.size - recent_tokens):] = 0
         codes[(layer, "keys")] = codes[(layer, "values")] = c
     return codes
 

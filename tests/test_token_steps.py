@@ -17,7 +17,7 @@ from seqkv.stages.quantize_klt import (
     MAX_TOKEN_CODE, read_token_codes, token_multipliers, write_token_codes,
 )
 from seqkv.token_importance import (
-    MAX_SOFT_CODE, REFERENCE_QUANTILE, expected_attention, reader_attention, token_step_codes, uniform_weights,
+    MAX_SOFT_CODE, RECENT_TOKENS, REFERENCE_QUANTILE, expected_attention, reader_attention, token_step_codes, uniform_weights,
 )
 from seqkv.wire import Reader
 from conftest import tiny_model, tiny_profile
@@ -134,7 +134,7 @@ def test_codes_follow_attention_and_spare_sinks_and_important_tokens():
     tokens = 300
     rng = np.random.default_rng(0)
     a = rng.lognormal(size=tokens)
-    all_codes = token_step_codes([a, a], sink_tokens=4, beta=0.5)
+    all_codes = token_step_codes([a, a], sink_tokens=4, beta=0.5, recent_tokens=0)
     # layer 0 keeps its steps: repeat prediction reads which token repeats which off its symbols
     assert not all_codes[(0, "keys")].any() and not all_codes[(0, "values")].any()
     codes = all_codes[(1, "keys")]
@@ -156,6 +156,24 @@ def test_codes_follow_attention_and_spare_sinks_and_important_tokens():
     for bad in (-1, MAX_TOKEN_CODE + 1, 2.5):
         with pytest.raises(ConfigError):
             token_step_codes([a], 4, max_code=bad)
+
+
+def test_the_recent_tokens_the_probe_cannot_measure_keep_full_precision():
+    """The probe re-reads its tail after the tokens before it, never the tail's own decoded KV; the continuation
+    reads the last tokens most.  The encoder's codes spare them, whatever the readers expect of them."""
+    tokens = 300
+    fading = np.exp(np.linspace(0, -20, tokens))        # the later the token, the less attention expected
+    spared = token_step_codes([fading, fading], 4)[(1, "keys")]
+    readers = token_step_codes([fading, fading], 4, recent_tokens=0)[(1, "keys")]
+    assert (readers[-RECENT_TOKENS:] == MAX_SOFT_CODE).all()
+    assert (spared[-RECENT_TOKENS:] == 0).all()
+    assert np.array_equal(spared[:-RECENT_TOKENS], readers[:-RECENT_TOKENS])
+    # a cache shorter than the sinks plus the recent tokens: everything at code 0, nothing out of range
+    short = token_step_codes([fading[:40], fading[:40]], 4)[(1, "values")]
+    assert short.shape == (40,) and not short.any()
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ConfigError):
+            token_step_codes([fading], 4, recent_tokens=bad)
 
 
 def test_the_probe_observes_the_tail_and_the_window_before_it():
