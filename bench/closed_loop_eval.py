@@ -4,6 +4,7 @@
     python bench/closed_loop_eval.py --profile P --out /tmp/single                # another profile file
     python bench/closed_loop_eval.py --loops closed,closed-uniform --out /tmp/soft  # soft pruning's gain
     python bench/closed_loop_eval.py --loops closed,closed@measured --out /tmp/start # the measured start
+    python bench/closed_loop_eval.py --loops closed-no-cross --out /tmp/nocross      # the cross-layer predictor's gain
 
 For each text and target: the design notes §5 protocol (SmolLM2-135M-Instruct, P=2048 tokens prefilled,
 fp16 cache, the next C=256 tokens teacher-forced after the decoded cache): ratio vs fp16 (every container
@@ -39,7 +40,9 @@ LOOPS = {"open": dict(closed_loop=False),
          "closed-uniform": dict(closed_loop=True, token_steps=False),
          # the closed loop started at the prediction with the cache's measured sensitivities (uniform steps)
          "closed@measured": dict(closed_loop=True, loop_start="measured"),
-         "closed+soft": dict(closed_loop=True, token_steps=True)}
+         "closed+soft": dict(closed_loop=True, token_steps=True),
+         # the default without the profile's cross-layer predictor (issue 13's lever 4 as seqkv has it)
+         "closed-no-cross": dict(closed_loop=True, cross_layer=False)}
 
 
 def row(probe, model, profile, target, loop):

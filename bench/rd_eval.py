@@ -2,6 +2,7 @@
 
     python bench/rd_eval.py                                      # the shipped profile; ~45 min on 2 cores
     python bench/rd_eval.py --profile smollm2.profile --quick    # another profile; two texts, two targets
+    python bench/rd_eval.py --redo-default                       # only the default encode's rows, ~15 min
 
 Protocol of design notes §5 (SmolLM2-135M, P=2048, C=256, fp16 cache, KL against the
 uncompressed run, every container byte counted).  The profile must be calibrated on text other
@@ -117,6 +118,9 @@ def main() -> None:
     ap.add_argument("--profile", default="shipped", help="a profile file, or 'shipped' (default)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=os.path.join(ROOT, "docs"))
+    ap.add_argument("--redo-default", action="store_true",
+                    help="re-measure only the default encode's rows (target_kl=...) of an existing rd.json, keeping "
+                         "the others (their code paths unchanged), then re-render the outputs")
     ap.add_argument("--redo-quanto", action="store_true",
                     help="re-measure only the quanto rows of an existing rd.json (then re-render the outputs)")
     args = ap.parse_args()
@@ -136,6 +140,28 @@ def main() -> None:
             else:   # a run without optimum-quanto installed has no such row yet: it goes where a full run puts it
                 saved["results"][name] = rows[:1] + [row] + rows[1:]
             print(name, row["name"], f"{row['ratio']:.2f}x KL {row['mean_kl']:.5f}", flush=True)
+        with open(os.path.join(args.out, "rd.json"), "w") as f:
+            json.dump(saved, f, indent=1)
+        write_markdown(saved["results"], saved["meta"], os.path.join(args.out, "rd.md"))
+        plot(saved["results"], os.path.join(args.out, "rd_curve.png"))
+        return
+    if args.redo_default:
+        with open(os.path.join(args.out, "rd.json")) as f:
+            saved = json.load(f)
+        for name, rows in saved["results"].items():
+            with open(os.path.join(ROOT, "bench", "texts", name), encoding="utf-8") as f:
+                text = f.read()
+            probe = QualityProbe(model, load_token_ids(tok, text), 2048, 256)
+            fresh = {r.name: r.as_dict() for r in evaluate_text(
+                model, tok, text, presets=(), profile=profile, probe=probe, progress=True,
+                configs={r["name"]: {"target_kl": float(r["name"].split("=")[1])}
+                         for r in rows if r["name"].startswith("target_kl=")})}
+            saved["results"][name] = [fresh.get(r["name"], r) for r in rows]
+            for r in rows:
+                if r["name"] in fresh:
+                    print(f"{name:28s} {r['name']:20s} {fresh[r['name']]['ratio']:6.2f}x "
+                          f"KL {fresh[r['name']]['mean_kl']:.5f} (was {r['ratio']:.2f}x, {r['mean_kl']:.5f})", flush=True)
+        saved["meta"]["default_rows_redone"] = True
         with open(os.path.join(args.out, "rd.json"), "w") as f:
             json.dump(saved, f, indent=1)
         write_markdown(saved["results"], saved["meta"], os.path.join(args.out, "rd.md"))
@@ -213,6 +239,9 @@ def write_markdown(results: dict, meta: dict, path: str) -> None:
              "token at the same steps (`token_steps=False`, the default before soft pruning).  The enc MB/s column "
              "includes the closed loop's model runs.  The MB/s columns are one timed run each: compare speeds with "
              "bench/bench_codec.py.",
+             *(["", "The `target_kl=` rows were re-measured by `python bench/rd_eval.py --redo-default` after the "
+                 "default encode changed; every other row is the full run's (code paths unchanged)."]
+               if meta.get("default_rows_redone") else []),
              "", "![RD curve](rd_curve.png)", "",
              "Ratio at matched measured KL (each curve interpolated in log-log between its two closest closed-loop "
              "points; – where the curve's points do not bracket that KL; b/e = bits per element = 16 / ratio):", "",
