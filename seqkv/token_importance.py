@@ -15,7 +15,7 @@ averaged over the next :data:`FUTURE_POSITIONS` positions; a token's score is ``
 softmaxed over the tokens and averaged over the query heads; taken for the continuation and for the probe's
 window before the tail, the larger of the two (:func:`reader_attention`).  Codes stop at
 :data:`MAX_SOFT_CODE`; the last :data:`RECENT_TOKENS` tokens, which the probe cannot measure, keep code 0.
-It is on by default in the closed loop (:func:`soft_steps`).  Measured on four held-out texts (docs/soft_pruning.md), the attention the observed queries *themselves* paid made the codes fit those
+It is on by default in the closed loop on caches of :data:`DEFAULT_MIN_TOKENS` tokens or more (:func:`soft_steps`).  Measured on four held-out texts (docs/soft_pruning.md), the attention the observed queries *themselves* paid made the codes fit those
 queries: the probe then read 0.3-0.9x the target where the continuation read up to 6.9x; with the expected
 attention the continuation/probe ratio stays within 0.5-1.8x, as without soft pruning (0.7-1.5x).
 Every token at least as important as the layer's :data:`REFERENCE_QUANTILE` keeps code 0.
@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError
+from .kl_probe import PROBE_TOKENS
 from .stages.quantize_klt import MAX_TOKEN_CODE, TOKEN_CODES_PER_OCTAVE, token_multipliers
 
 DEFAULT_BETA = 0.35          # codes = 4 * beta * log2(reference / a_t); 0.5 would be the high-rate optimum
@@ -44,6 +45,10 @@ MAX_SOFT_CODE = 8
 # python_reference's continuation read 1.33x the target at 0.001 with the probe at 0.82x; at code 0, 0.72x at
 # the same ratio (docs/soft_pruning.md)
 RECENT_TOKENS = 64
+# By default only where the probe's windows are full (PROBE_TOKENS each, a quarter of the cache at most): on
+# 512-token caches (128-token windows) the probe's KL jumped by 2x between neighbouring scales and soft pruning
+# cost 16-19 % against uniform steps on two of three texts; from 1024 tokens on it gained (docs/soft_pruning.md)
+DEFAULT_MIN_TOKENS = 4 * PROBE_TOKENS
 
 
 def average_rope_rotation(layout, start: int, count: int) -> torch.Tensor:
@@ -170,12 +175,15 @@ def attention_weights(attention: list[np.ndarray]) -> dict:
 
 def soft_steps(token_steps, probe, layers, positions: torch.Tensor, layout, sink_tokens: int) -> SoftSteps | None:
     """What an encode uses (None: soft pruning off).  ``token_steps``: None (the default) = on wherever the
-    closed-loop probe observed queries (a runnable Llama-style model, a ``target_kl``, a cache of 64 tokens or
-    more), else off; True = on, or ConfigError where the probe observed none; False = off (every token the same
-    steps: a later verbatim copy of an early passage reads less KL, docs/soft_pruning.md)."""
+    closed-loop probe observed queries (a runnable Llama-style model, a ``target_kl``) and the cache has at least
+    :data:`DEFAULT_MIN_TOKENS` tokens, else off; True = on (any cache the probe observes), or ConfigError where
+    the probe observed no queries; False = off (every token the same steps: a later verbatim copy of an early
+    passage reads less KL, docs/soft_pruning.md)."""
     if token_steps is not None and not isinstance(token_steps, bool):
         raise ConfigError(f"token_steps must be True, False or None, got {token_steps!r}")
     if token_steps is False:
+        return None
+    if token_steps is None and layers[0][0].shape[1] < DEFAULT_MIN_TOKENS:
         return None
     if probe is None or not getattr(probe, "queries", None):
         if token_steps is None:

@@ -17,7 +17,7 @@ from seqkv.stages.quantize_klt import (
     MAX_TOKEN_CODE, read_token_codes, token_multipliers, write_token_codes,
 )
 from seqkv.token_importance import (
-    MAX_SOFT_CODE, RECENT_TOKENS, REFERENCE_QUANTILE, expected_attention, reader_attention, token_step_codes, uniform_weights,
+    DEFAULT_MIN_TOKENS, MAX_SOFT_CODE, RECENT_TOKENS, REFERENCE_QUANTILE, expected_attention, reader_attention, token_step_codes, uniform_weights,
 )
 from seqkv.wire import Reader
 from conftest import tiny_model, tiny_profile
@@ -105,11 +105,17 @@ def test_a_section_whose_code_count_differs_from_its_tokens_is_refused():
 def test_encode_soft_prunes_by_default_where_the_probe_observes_queries():
     model = tiny_model("llama")
     profile = tiny_profile("llama")
-    ids, cache = _cache(model, tokens=96)
+    ids, cache = _cache(model, tokens=DEFAULT_MIN_TOKENS)
     soft = seqkv.encode(cache, model=model, profile=profile, target_kl=0.05, token_ids=ids, token_steps=True)
     assert seqkv.inspect(soft)["pipeline"]["quantizer"].get("token_steps") is True
     default = seqkv.encode(cache, model=model, profile=profile, target_kl=0.05, token_ids=ids)
     assert default == soft
+    # a shorter cache (the probe's windows not full): uniform steps by default, soft pruning when asked
+    short_ids, short = _cache(model, tokens=96)
+    assert "token_steps" not in seqkv.inspect(seqkv.encode(short, model=model, profile=profile, target_kl=0.05,
+                                                           token_ids=short_ids))["pipeline"]["quantizer"]
+    asked = seqkv.encode(short, model=model, profile=profile, target_kl=0.05, token_ids=short_ids, token_steps=True)
+    assert seqkv.inspect(asked)["pipeline"]["quantizer"].get("token_steps") is True
     # off when asked, without a closed loop, and with the measured start (its sensitivities are uniform steps')
     for kwargs in (dict(token_ids=ids, token_steps=False), dict(closed_loop=False),
                    dict(token_ids=ids, loop_start="measured")):
