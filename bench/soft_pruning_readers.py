@@ -13,7 +13,8 @@ psf_license.txt, 32 fresh tokens, 256 tokens repeated from 25 % into the prefix)
 
 Variants (all: beta 0.35, reference quantile 0.99, sinks and layer 0 at code 0):
 * ``default``: what ``seqkv.encode`` does (the library's own ``soft_steps``, so its rows are the library's
-  containers): both readers, codes up to 8, the last 64 tokens at code 0;
+  containers): both readers, codes up to 8, the last 64 tokens at code 0, on caches of 1024 tokens or more
+  (``--prompt-len``); uniform steps below that;
 * ``continuation``: the continuation's expected attention only, codes up to 40 (``token_steps=True`` before
   this bench was written);
 * ``both``: the larger of the continuation's and the window-before-the-tail reader's expected attention
@@ -22,7 +23,8 @@ Variants (all: beta 0.35, reference quantile 0.99, sinks and layer 0 at code 0):
   were spared;
 * ``uniform``: every token the same steps (``token_steps=False``);
 * ``both-capN`` / ``continuation-capN``: either reader model with codes up to N (0-40);
-* ``both-recentR-capN``: ``both-capN`` with the last R tokens at code 0 (``default`` is ``both-recent64-cap8``);
+* ``both-recentR-capN``: ``both-capN`` with the last R tokens at code 0 (``default`` is ``both-recent64-cap8``
+  from 1024 tokens on; this variant is on at any length);
 * ``both-nearH-capN``: ``both-capN`` with a third reader, the continuation's expected attention with the RoPE
   averaged over the next H positions only (its first queries, which read the last tokens most).
 Variants without ``recent`` keep every recent token's code as the readers give it (``recent_tokens=0``), as
@@ -112,6 +114,8 @@ def main(argv=None) -> int:
     ap.add_argument("--targets", default="0.01")
     ap.add_argument("--text", action="append", help="text files (default: the four texts of closed_loop_eval.py)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt-len", type=int, default=2048, help="P (the cache's tokens); design notes §5: 2048")
+    ap.add_argument("--continuation-len", type=int, default=256, help="C (the measured continuation); §5: 256")
     ap.add_argument("--no-copy", action="store_true", help="skip the copy probe")
     ap.add_argument("--out", required=True, help="writes OUT.json and OUT.md")
     args = ap.parse_args(argv)
@@ -121,7 +125,8 @@ def main(argv=None) -> int:
     probes = {}
     for path in args.text or TEXTS:
         with open(os.path.join(ROOT, path), encoding="utf-8") as f:
-            probes[os.path.basename(path)] = QualityProbe(model, tok(f.read(), return_tensors="pt").input_ids, 2048, 256)
+            probes[os.path.basename(path)] = QualityProbe(model, tok(f.read(), return_tensors="pt").input_ids,
+                                                          args.prompt_len, args.continuation_len)
     with open(PACKAGED_TEXT, encoding="utf-8") as f:
         copy_text = f.read()
     rows, copies = [], {}
@@ -133,7 +138,7 @@ def main(argv=None) -> int:
                     t0 = time.perf_counter()
                     with WindowLog() as log:
                         blob = seqkv.encode(q.cache, model=model, profile=profile, target_kl=target,
-                                            token_ids=q.token_ids[0, :2048])
+                                            token_ids=q.token_ids[0, :args.prompt_len])
                     seconds = time.perf_counter() - t0
                     report = q.score(seqkv.decode(blob, profile=profile))
                     info = seqkv.inspect(blob)
@@ -152,13 +157,15 @@ def main(argv=None) -> int:
                 print(json.dumps({"variant": variant, "copy": copies[variant]}), flush=True)
     finally:
         codec.soft_steps = LIBRARY_SOFT_STEPS
-    meta = {"model": "SmolLM2-135M-Instruct", "prompt_len": 2048, "continuation_len": 256, "profile": "shipped",
+    meta = {"model": "SmolLM2-135M-Instruct", "prompt_len": args.prompt_len, "continuation_len": args.continuation_len,
+            "profile": "shipped",
             "threads": args.threads, "seqkv": seqkv.__version__}
     meta["command"] = "python bench/soft_pruning_readers.py " + " ".join(sys.argv[1:] if argv is None else argv)
     with open(args.out + ".json", "w") as f:
         json.dump({"meta": meta, "rows": rows, "copy": copies}, f, indent=1)
     with open(args.out + ".md", "w") as f:
-        f.write(f"Written by `{meta['command']}` (SmolLM2-135M-Instruct, P=2048, C=256, fp16 cache, shipped "
+        f.write(f"Written by `{meta['command']}` (SmolLM2-135M-Instruct, P={args.prompt_len}, "
+                f"C={args.continuation_len}, fp16 cache, shipped "
                 f"profile, {args.threads} torch threads; docs/soft_pruning.md).\n\n" + markdown(rows, copies))
     return 0
 
