@@ -225,8 +225,9 @@ def _add_encode_options(parser) -> None:
                                                                  "(faster; nothing measured, docs/rate_control.md)")
     parser.add_argument("--soft-prune", action="store_true",
                         help="with --target-kl: coarser steps for the tokens attention is expected to read least "
-                             "(the default where the closed loop observes the model's queries; this makes its "
-                             "absence an error; docs/soft_pruning.md)")
+                             "(the default where the closed loop observes the model's queries on caches of 1024 "
+                             "tokens or more; this turns it on at any length and makes its absence an error; "
+                             "docs/soft_pruning.md)")
     parser.add_argument("--no-soft-prune", action="store_true",
                         help="with --target-kl: every token the same steps (a larger container at the same "
                              "measured KL; a later verbatim copy of an early passage reads less KL)")

@@ -65,8 +65,9 @@ def encode(cache, *, preset: str | None = None, model=None, config=None, positio
     to come are expected to attend to least (kvpress's expected attention, from the queries the probe
     observed, for the continuation and for the probe's window before the tail) get coarser steps
     (``2 ** (code / 4)`` times, per token and layer, in the container), and the closed loop then meets
-    ``target_kl`` as before.  ``None`` (default): on wherever the closed loop runs and its probe observes the
-    model's queries (Llama-style attention), else off; ``True``: on (ConfigError where it cannot be);
+    ``target_kl`` as before.  ``None`` (default): on wherever the closed loop runs, its probe observes the
+    model's queries (Llama-style attention) and the cache has 1024 tokens or more, else off; ``True``: on at
+    any length (ConfigError where it cannot be);
     ``False``: every token gets the same steps (a larger container at the same measured KL, but a later
     verbatim copy of an early passage reads less KL: docs/soft_pruning.md).  ``loop_start`` (closed
     loop): "profile" (default) starts the search at the profile's prediction; "measured" at the scale the KL
