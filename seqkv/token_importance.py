@@ -15,10 +15,12 @@ averaged over the next :data:`FUTURE_POSITIONS` positions; a token's score is ``
 softmaxed over the tokens and averaged over the query heads; taken for the continuation and for the probe's
 window before the tail, the larger of the two (:func:`reader_attention`).  Codes stop at
 :data:`MAX_SOFT_CODE`; the last :data:`RECENT_TOKENS` tokens, which the probe cannot measure, keep code 0.
-It is on by default in the closed loop on caches of :data:`DEFAULT_MIN_TOKENS` tokens or more (:func:`soft_steps`).  Measured on four held-out texts (docs/soft_pruning.md), the attention the observed queries *themselves* paid made the codes fit those
-queries: the probe then read 0.3-0.9x the target where the continuation read up to 6.9x; with the expected
-attention the continuation/probe ratio stays within 0.5-1.8x, as without soft pruning (0.7-1.5x).
-Every token at least as important as the layer's :data:`REFERENCE_QUANTILE` keeps code 0.
+It is on by default in the closed loop on caches of :data:`DEFAULT_MIN_TOKENS` tokens or more
+(:func:`soft_steps`).  Measured on four held-out texts (docs/soft_pruning.md), the attention the observed queries
+*themselves* paid made the codes fit those queries: the probe then read 0.3-0.9x the target where the
+continuation read up to 6.9x; with the expected attention the continuation/probe ratio stays within 0.5-1.8x,
+as without soft pruning (0.7-1.5x).  Every token at least as important as the layer's
+:data:`REFERENCE_QUANTILE` keeps code 0.
 """
 from __future__ import annotations
 
@@ -103,17 +105,22 @@ def reader_attention(probe, layers, positions: torch.Tensor, layout,
     tokens = layers[0][0].shape[1]
     attention = expected_attention(probe.queries, layers, int(positions[-1]) + 1, layout)
     if near_positions:
-        near = expected_attention(probe.queries, layers, int(positions[-1]) + 1, layout, near_positions)
-        attention = [np.maximum(a, b) / np.maximum(a, b).sum() for a, b in zip(attention, near)]
+        attention = larger_reader(attention, expected_attention(probe.queries, layers, int(positions[-1]) + 1,
+                                                                layout, near_positions))
     before = [w.start for w in probe.windows if w.start < probe.kept]
     if not before or before[0] < 1:
         return attention
     cut = before[0]
     earlier = expected_attention(probe.queries, [(k[:, :cut], v[:, :cut]) for k, v in layers], int(positions[cut]),
                                  layout)
+    return larger_reader(attention, [np.concatenate([b, np.zeros(tokens - cut)]) for b in earlier])
+
+
+def larger_reader(first: list[np.ndarray], second: list[np.ndarray]) -> list[np.ndarray]:
+    """Per layer, the token-wise larger of two readers' attention, renormalised to sum 1."""
     out = []
-    for a, b in zip(attention, earlier):
-        both = np.maximum(a, np.concatenate([b, np.zeros(tokens - cut)]))
+    for a, b in zip(first, second):
+        both = np.maximum(a, b)
         out.append(both / both.sum())
     return out
 

@@ -17,7 +17,8 @@ from seqkv.stages.quantize_klt import (
     MAX_TOKEN_CODE, read_token_codes, token_multipliers, write_token_codes,
 )
 from seqkv.token_importance import (
-    DEFAULT_MIN_TOKENS, MAX_SOFT_CODE, RECENT_TOKENS, REFERENCE_QUANTILE, expected_attention, reader_attention, token_step_codes, uniform_weights,
+    DEFAULT_MIN_TOKENS, MAX_SOFT_CODE, RECENT_TOKENS, REFERENCE_QUANTILE, expected_attention, reader_attention,
+    token_step_codes, uniform_weights,
 )
 from seqkv.wire import Reader
 from conftest import tiny_model, tiny_profile
