@@ -87,6 +87,22 @@ def variant_steps(name: str):
     return soft_steps
 
 
+def encode_recording_soft(steps, *args, **kwargs):
+    """``seqkv.encode(*args, **kwargs)`` with ``steps`` as the encoder's ``soft_steps``: (container, the
+    SoftSteps it chose or None)."""
+    chosen = {}
+
+    def recording(*a):
+        chosen["soft"] = steps(*a)
+        return chosen["soft"]
+    codec.soft_steps = recording
+    try:
+        blob = seqkv.encode(*args, **kwargs)
+    finally:
+        codec.soft_steps = LIBRARY_SOFT_STEPS
+    return blob, chosen.get("soft")
+
+
 class WindowLog:
     """Records every window KL list the closed loop's probe measures."""
 

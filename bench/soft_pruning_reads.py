@@ -3,13 +3,14 @@ the last 64 tokens, docs/soft_pruning.md).
 
     python bench/soft_pruning_reads.py [--text T] [--target-kl K] [--recent-tokens R]
 
-Encodes the text's P=2048 cache at ``--target-kl`` (default 0.001) twice, closed loop: with soft codes (the
-library's choice, except that the last ``--recent-tokens`` keep code 0: 0 shows the codes stop 22 used, 64 is
-today's default) and with uniform steps.  Then runs the model (eager attention) on the real continuation
-(C=256) after the uncompressed cache and prints, per layer, the share of the continuation's attention that lands
-on tokens coded 2x coarser or more (code >= 4) against the share the encoder's expected attention put there;
-then the continuation positions whose KL rose most against uniform steps, and the coarse prefix tokens those
-positions read most.  SmolLM2-135M-Instruct, shipped profile, 2 torch threads.
+Encodes the text's P=2048 cache at ``--target-kl`` (default 0.001) twice, closed loop: with soft codes (both
+readers, codes up to 8, the last ``--recent-tokens`` at code 0: the readers bench's variant
+``both-recentR-cap8``; 0 gives the codes stop 22 used, 64 today's default) and with uniform steps.  Then runs
+the model (eager attention) on the real continuation (C=256) after the uncompressed cache and prints, per
+layer, the share of the continuation's attention that lands on tokens coded 2x coarser or more (code >= 4)
+against the share the encoder's expected attention put there; then the continuation positions whose KL rose
+most against uniform steps, and the coarse prefix tokens those positions read most.  SmolLM2-135M-Instruct,
+shipped profile, 2 torch threads.
 """
 from __future__ import annotations
 
@@ -20,15 +21,16 @@ import sys
 import numpy as np
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
 
 import seqkv  # noqa: E402
-import seqkv.codec as codec  # noqa: E402
 from seqkv.embedded_model import load_embedded_model  # noqa: E402
 from seqkv.model_calls import with_cache  # noqa: E402
 from seqkv.quality import QualityProbe, clone_cache, continuation_logits  # noqa: E402
-from seqkv.token_importance import SoftSteps, token_step_codes  # noqa: E402
+from soft_pruning_readers import encode_recording_soft, variant_steps  # noqa: E402
 
 P, C, COARSE = 2048, 256, 4
 
@@ -63,28 +65,15 @@ def main(argv=None) -> int:
     profile = seqkv.shipped_profile(model)
     with open(os.path.join(ROOT, args.text), encoding="utf-8") as f:
         probe = QualityProbe(model, tok(f.read(), return_tensors="pt").input_ids, P, C)
-    library, chosen = codec.soft_steps, {}
-
-    def soft_steps(*a):
-        soft = library(*a)
-        if soft is not None:   # the codes from the same attention, with the chosen recent tokens spared
-            attention = [soft.weights[(layer, "keys")].astype(np.float64) for layer in range(len(soft.codes) // 2)]
-            soft = SoftSteps(token_step_codes(attention, profile.sink_tokens, recent_tokens=args.recent_tokens),
-                             soft.weights)
-            chosen["soft"] = soft
-        return soft
-    codec.soft_steps = soft_steps
-    try:
-        ids = probe.token_ids[0, :P]
-        soft_blob = seqkv.encode(probe.cache, model=model, profile=profile, target_kl=args.target_kl, token_ids=ids)
-        uniform_blob = seqkv.encode(probe.cache, model=model, profile=profile, target_kl=args.target_kl,
-                                    token_ids=ids, token_steps=False)
-    finally:
-        codec.soft_steps = library
+    ids = probe.token_ids[0, :P]
+    soft_blob, soft = encode_recording_soft(variant_steps(f"both-recent{args.recent_tokens}-cap8"), probe.cache,
+                                            model=model, profile=profile, target_kl=args.target_kl, token_ids=ids)
+    uniform_blob = seqkv.encode(probe.cache, model=model, profile=profile, target_kl=args.target_kl,
+                                token_ids=ids, token_steps=False)
     kl_soft, kl_uniform = (per_position_kl(model, probe, profile, b) for b in (soft_blob, uniform_blob))
     print(f"soft: {len(soft_blob)} bytes, mean KL {kl_soft.mean():.6f}; uniform: {len(uniform_blob)} bytes, "
           f"mean KL {kl_uniform.mean():.6f}")
-    attention, codes, weights = continuation_attention(model, probe), chosen["soft"].codes, chosen["soft"].weights
+    attention, codes, weights = continuation_attention(model, probe), soft.codes, soft.weights
     print("layer | continuation's attention on tokens coded >= 4 | the encoder's expected share | tokens coded >= 4")
     for layer, a in enumerate(attention):
         coarse = codes[(layer, "keys")] >= COARSE

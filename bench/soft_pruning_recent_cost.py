@@ -20,12 +20,14 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
 
 import seqkv  # noqa: E402
 import seqkv.codec as codec  # noqa: E402
 from seqkv.embedded_model import load_embedded_model  # noqa: E402
 from seqkv.quality import QualityProbe  # noqa: E402
 from seqkv.token_importance import RECENT_TOKENS, SoftSteps, token_step_codes  # noqa: E402
+from soft_pruning_readers import LIBRARY_SOFT_STEPS, encode_recording_soft  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -37,26 +39,16 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     model, tok = load_embedded_model()
     profile = seqkv.shipped_profile(model)
-    library = codec.soft_steps
     for path in args.texts:
         with open(os.path.join(ROOT, path), encoding="utf-8") as f:
             probe = QualityProbe(model, tok(f.read(), return_tensors="pt").input_ids, 2048, 256)
-        chosen = {}
-
-        def spy(*a):
-            soft = library(*a)
-            chosen["soft"] = soft
-            return soft
-        codec.soft_steps = spy
-        try:
-            blob = seqkv.encode(probe.cache, model=model, profile=profile, target_kl=args.target_kl,
-                                token_ids=probe.token_ids[0, :2048])
-        finally:
-            codec.soft_steps = library
-        soft, scale = chosen["soft"], seqkv.inspect(blob)["rate_control"]["scale"]
+        blob, soft = encode_recording_soft(LIBRARY_SOFT_STEPS, probe.cache, model=model, profile=profile,
+                                           target_kl=args.target_kl, token_ids=probe.token_ids[0, :2048])
+        scale = seqkv.inspect(blob)["rate_control"]["scale"]
         # the codes depend on the attention only through ratios, so the mean-1 weights give them back exactly
         attention = [soft.weights[(layer, "keys")].astype(np.float64) for layer in range(len(soft.codes) // 2)]
-        assert all(np.array_equal(c, soft.codes[k]) for k, c in token_step_codes(attention, profile.sink_tokens).items())
+        assert all(np.array_equal(c, soft.codes[k])
+                   for k, c in token_step_codes(attention, profile.sink_tokens).items())
         readers = token_step_codes(attention, profile.sink_tokens, recent_tokens=0)
         spared = len(codec.encode_with_token_steps(probe.cache, profile, soft, scale=scale, model=model))
         unspared = len(codec.encode_with_token_steps(probe.cache, profile, SoftSteps(readers, soft.weights),
