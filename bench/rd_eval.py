@@ -140,10 +140,7 @@ def main() -> None:
             else:   # a run without optimum-quanto installed has no such row yet: it goes where a full run puts it
                 saved["results"][name] = rows[:1] + [row] + rows[1:]
             print(name, row["name"], f"{row['ratio']:.2f}x KL {row['mean_kl']:.5f}", flush=True)
-        with open(os.path.join(args.out, "rd.json"), "w") as f:
-            json.dump(saved, f, indent=1)
-        write_markdown(saved["results"], saved["meta"], os.path.join(args.out, "rd.md"))
-        plot(saved["results"], os.path.join(args.out, "rd_curve.png"))
+        write_outputs(saved, args.out)
         return
     if args.redo_default:
         with open(os.path.join(args.out, "rd.json")) as f:
@@ -162,10 +159,7 @@ def main() -> None:
                     print(f"{name:28s} {r['name']:20s} {fresh[r['name']]['ratio']:6.2f}x "
                           f"KL {fresh[r['name']]['mean_kl']:.5f} (was {r['ratio']:.2f}x, {r['mean_kl']:.5f})", flush=True)
         saved["meta"]["default_rows_redone"] = True
-        with open(os.path.join(args.out, "rd.json"), "w") as f:
-            json.dump(saved, f, indent=1)
-        write_markdown(saved["results"], saved["meta"], os.path.join(args.out, "rd.md"))
-        plot(saved["results"], os.path.join(args.out, "rd_curve.png"))
+        write_outputs(saved, args.out)
         return
     targets = [0.001, 0.01] if args.quick else TARGETS
     # "uniform": every token the same steps (the default encode before soft pruning was; repeat prediction on)
@@ -190,10 +184,15 @@ def main() -> None:
     meta = {"profile": {"file": os.path.basename(args.profile), "sha256": profile.hash, "bytes": profile.nbytes,
                         "kl_gain": profile.kl_gain, "calibration": profile.info}, "texts": texts}
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "rd.json"), "w") as f:
-        json.dump({"meta": meta, "results": results}, f, indent=1)
-    write_markdown(results, meta, os.path.join(args.out, "rd.md"))
-    plot(results, os.path.join(args.out, "rd_curve.png"))
+    write_outputs({"meta": meta, "results": results}, args.out)
+
+
+def write_outputs(saved: dict, out: str) -> None:
+    """rd.json, rd.md and rd_curve.png in ``out`` from ``{"meta": ..., "results": ...}``."""
+    with open(os.path.join(out, "rd.json"), "w") as f:
+        json.dump(saved, f, indent=1)
+    write_markdown(saved["results"], saved["meta"], os.path.join(out, "rd.md"))
+    plot(saved["results"], os.path.join(out, "rd_curve.png"))
 
 
 def ratio_at_kl(rows: list, prefix: str, kl: float) -> float | None:
